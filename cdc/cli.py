@@ -1,0 +1,191 @@
+"""``imgmig``: one thin function per verb, each calling the library.
+
+Known errors become one line on stderr and a documented exit code; ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cdc import demo as demo_mod
+from cdc import migrate as migrate_mod
+from cdc import seed as seed_mod
+from cdc import stage as stage_mod
+from cdc import status as status_mod
+from cdc import tenants as tenants_mod
+from cdc.db import connect
+from cdc.errors import ImgmigError
+from cdc.logs import LogFormat, configure
+from cdc.server import start_embedded
+
+app = typer.Typer(
+    name="imgmig",
+    help="Zero-downtime migration of product images from JSONB to a table.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+migrate_app = typer.Typer(help="Run the Alembic revisions on every tenant (or some).")
+flag_app = typer.Typer(help="Read and set the per-tenant stage flag.")
+app.add_typer(migrate_app, name="migrate")
+app.add_typer(flag_app, name="flag")
+out = Console()
+
+TenantOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045 - Typer needs Optional here
+    typer.Option("--tenant", "-t", help="Limit to this tenant (repeatable)."),
+]
+
+
+class Settings:
+    """What the global options said; read by the verbs."""
+
+    database_url: str | None = None
+
+
+def url() -> str:
+    """``--database-url``, else DATABASE_URL, else the demo's persistent embedded server."""
+    if Settings.database_url:
+        return Settings.database_url
+    server, _handle = start_embedded(migrate_mod.DEMO_PGDATA)
+    return server.url
+
+
+@app.callback()
+def main_options(
+    database_url: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(envvar="DATABASE_URL", help="PostgreSQL URL (default: embedded server)."),
+    ] = None,
+    log_format: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="console or json (default: console on a terminal)."),
+    ] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Options every command takes."""
+    if log_format not in (None, "console", "json"):
+        raise typer.BadParameter("must be console or json", param_hint="--log-format")
+    fmt: LogFormat | None = log_format  # type: ignore[assignment]
+    configure(fmt)
+    Settings.database_url = database_url
+
+
+@app.command()
+def seed(
+    tenants: int = 4,
+    products: int = 3282,
+    labels: int = 611,
+    mess_share: float = 0.02,
+    seed: int = 42,
+    reset: Annotated[bool, typer.Option(help="Drop existing tenant schemas first.")] = False,
+) -> None:
+    """Create deterministic StoFlow-like tenants with a known label truth."""
+    try:
+        config = seed_mod.SeedConfig(
+            tenants=tenants, products=products, labels=labels, mess_share=mess_share, seed=seed
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    started = time.monotonic()
+    with connect(url()) as conn:
+        counts = seed_mod.seed(conn, config, reset=reset)
+    took = time.monotonic() - started
+    out.print(f"seeded {sum(counts.values())} products in {len(counts)} tenants in {took:.1f} s")
+
+
+@migrate_app.command("upgrade")
+def migrate_upgrade(tenant: TenantOpt = None, revision: str = "head") -> None:
+    """alembic upgrade, per tenant."""
+    migrate_mod.upgrade(url(), tenants=tenant, revision=revision)
+
+
+@migrate_app.command("downgrade")
+def migrate_downgrade(revision: str, tenant: TenantOpt = None) -> None:
+    """alembic downgrade, per tenant."""
+    migrate_mod.downgrade(url(), revision, tenants=tenant)
+
+
+@app.command()
+def status(tenant: TenantOpt = None) -> None:
+    """Tenants, products, images on both sides, and stages."""
+    with connect(url()) as conn:
+        print_summaries(status_mod.summarize(conn, tenant))
+
+
+@flag_app.command("get")
+def flag_get(tenant: TenantOpt = None) -> None:
+    """Show each tenant's stage."""
+    with connect(url()) as conn:
+        names = tenants_mod.resolve(conn, tenant)  # a clear error for an unknown tenant
+        states = stage_mod.get_all(conn, names)
+    table = Table("tenant", "stage", "projection", "since", "by", "reason")
+    for s in states:
+        table.add_row(
+            s.tenant,
+            s.stage.value,
+            s.projection,
+            f"{s.stage_changed_at:%Y-%m-%d %H:%M:%S}",
+            s.changed_by or "",
+            s.reason or "",
+        )
+    out.print(table)
+
+
+@app.command()
+def demo(
+    products: int = 3282,
+    labels: int = 611,
+    seed: int = 42,
+    reseed: Annotated[bool, typer.Option(help="Reseed even if the same data is there.")] = False,
+) -> None:
+    """The main job: seed, migrate and report, on the embedded PostgreSQL by default."""
+    config = seed_mod.SeedConfig(products=products, labels=labels, seed=seed)
+    explicit = Settings.database_url if "DATABASE_URL" not in os.environ else None
+    with demo_mod.demo_server(explicit) as server:
+        out.print(f"[bold]imgmig demo[/] on {server.kind} PostgreSQL")
+        result = demo_mod.run(server.url, config, reseed=reseed)
+    out.print("reused the seeded data" if result.reused_seed else "seeded fresh data")
+    print_summaries(result.summaries)
+    for failure in result.failures:
+        out.print(f"[red]FAIL[/] {failure}")
+    if not result.ok:
+        raise typer.Exit(2)
+    out.print("[green]demo passed[/]")
+
+
+def print_summaries(summaries: list[status_mod.TenantSummary]) -> None:
+    table = Table("tenant", "products", "images (jsonb)", "images (table)", "stage")
+    for s in summaries:
+        table.add_row(s.tenant, str(s.products), _n(s.jsonb_images), _n(s.table_images), s.stage)
+    table.add_section()
+    table.add_row(
+        "total",
+        str(sum(s.products for s in summaries)),
+        _n(sum(s.jsonb_images or 0 for s in summaries)),
+        _n(sum(s.table_images or 0 for s in summaries)),
+        "",
+    )
+    out.print(table)
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except ImgmigError as exc:
+        if "--debug" in sys.argv:
+            raise
+        print(f"imgmig: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

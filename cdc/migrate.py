@@ -1,0 +1,82 @@
+"""Alembic, driven from Python: the same revisions ``alembic upgrade head`` runs.
+
+Revisions call :func:`current_tenant` and :func:`raw_connection` to compose their SQL
+with ``psycopg.sql`` against the schema env.py is migrating right now.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from alembic.config import Config
+
+from alembic import command, op
+from cdc.db import Conn
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_PGDATA = ROOT / ".imgmig" / "pgdata"
+
+
+def alembic_config(url: str, tenants: Sequence[str] | None = None) -> Config:
+    """An Alembic config bound to ``url`` (and optionally to some tenants)."""
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "alembic"))
+    cfg.attributes["url"] = url
+    if tenants is not None:
+        cfg.attributes["tenants"] = list(tenants)
+    return cfg
+
+
+def database_url(cfg: Config) -> str:
+    """``-x url=``, a programmatic URL, DATABASE_URL, else the demo's embedded server."""
+    x = _x_args(cfg)
+    url = x.get("url") or cfg.attributes.get("url") or os.environ.get("DATABASE_URL")
+    if url:
+        return str(url)
+    from cdc.server import start_embedded
+
+    server, _handle = start_embedded(DEMO_PGDATA, keep_running=True)
+    return server.url
+
+
+def wanted_tenants(cfg: Config) -> list[str] | None:
+    """Tenants named with ``-x tenant=a,b`` or programmatically; None means all."""
+    x = _x_args(cfg)
+    if "tenant" in x:
+        return [t.strip() for t in x["tenant"].split(",") if t.strip()]
+    tenants = cfg.attributes.get("tenants")
+    return list(tenants) if tenants is not None else None
+
+
+def _x_args(cfg: Config) -> dict[str, str]:
+    if cfg.cmd_opts is None or not getattr(cfg.cmd_opts, "x", None):
+        return {}
+    pairs = (item.split("=", 1) for item in cfg.cmd_opts.x)
+    return dict(pairs)
+
+
+def upgrade(url: str, *, tenants: Sequence[str] | None = None, revision: str = "head") -> None:
+    """``alembic upgrade`` on every tenant (or the given ones)."""
+    command.upgrade(alembic_config(url, tenants), revision)
+
+
+def downgrade(url: str, revision: str, *, tenants: Sequence[str] | None = None) -> None:
+    """``alembic downgrade`` on every tenant (or the given ones)."""
+    command.downgrade(alembic_config(url, tenants), revision)
+
+
+def current_tenant() -> str:
+    """The tenant schema env.py is migrating now (its version table lives there)."""
+    schema: Any = op.get_context().opts.get("version_table_schema")
+    if not schema:
+        raise RuntimeError("revision run outside the multi-tenant env.py")
+    return str(schema)
+
+
+def raw_connection() -> Conn:
+    """The psycopg connection under Alembic's, for ``psycopg.sql`` composition."""
+    dbapi: Any = op.get_bind().connection.dbapi_connection
+    return dbapi  # type: ignore[no-any-return]
