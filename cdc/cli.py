@@ -180,6 +180,17 @@ def _n(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
+def _mount_areas() -> None:
+    """Each area (capture, backfill, cutover) owns its verbs in its own module."""
+    from cdc import cli_backfill, cli_capture, cli_cutover
+
+    for area in (cli_capture, cli_backfill, cli_cutover):
+        area.register(app)
+
+
+_mount_areas()
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
