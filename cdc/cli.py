@@ -12,7 +12,6 @@ import time
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from cdc import demo as demo_mod
@@ -21,10 +20,10 @@ from cdc import seed as seed_mod
 from cdc import stage as stage_mod
 from cdc import status as status_mod
 from cdc import tenants as tenants_mod
+from cdc.cli_common import Settings, out, url
 from cdc.db import connect
 from cdc.errors import ImgmigError
 from cdc.logs import LogFormat, configure
-from cdc.server import start_embedded
 
 app = typer.Typer(
     name="imgmig",
@@ -36,26 +35,11 @@ migrate_app = typer.Typer(help="Run the Alembic revisions on every tenant (or so
 flag_app = typer.Typer(help="Read and set the per-tenant stage flag.")
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(flag_app, name="flag")
-out = Console()
 
 TenantOpt = Annotated[
     Optional[list[str]],  # noqa: UP045 - Typer needs Optional here
     typer.Option("--tenant", "-t", help="Limit to this tenant (repeatable)."),
 ]
-
-
-class Settings:
-    """What the global options said; read by the verbs."""
-
-    database_url: str | None = None
-
-
-def url() -> str:
-    """``--database-url``, else DATABASE_URL, else the demo's persistent embedded server."""
-    if Settings.database_url:
-        return Settings.database_url
-    server, _handle = start_embedded(migrate_mod.DEMO_PGDATA)
-    return server.url
 
 
 @app.callback()
