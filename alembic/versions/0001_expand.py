@@ -56,6 +56,55 @@ _CONTROL_DDL = (
         forced boolean NOT NULL DEFAULT false,
         at timestamptz NOT NULL DEFAULT now()
     )""",
+    # Backfill checkpoint per tenant: a run killed with SIGKILL resumes after last_id.
+    """CREATE TABLE IF NOT EXISTS {control}.backfill_state (
+        tenant text PRIMARY KEY,
+        status text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'running', 'done')),
+        last_id bigint NOT NULL DEFAULT 0,
+        max_id bigint,
+        products_done bigint NOT NULL DEFAULT 0,
+        rows_done bigint NOT NULL DEFAULT 0,
+        batch_size integer,
+        started_at timestamptz,
+        finished_at timestamptz,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )""",
+    # Switches read between batches and by services, e.g. ('backfill_paused', true).
+    """CREATE TABLE IF NOT EXISTS {control}.switches (
+        name text PRIMARY KEY,
+        value boolean NOT NULL,
+        changed_at timestamptz NOT NULL DEFAULT now(),
+        changed_by text
+    )""",
+    # One row per verify or reconcile run: the guards and `deploy status` read these.
+    """CREATE TABLE IF NOT EXISTS {control}.verify_runs (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        tenant text NOT NULL,
+        mode text NOT NULL CHECK (mode IN ('verify', 'reconcile')),
+        stage text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        finished_at timestamptz,
+        products_checked bigint NOT NULL DEFAULT 0,
+        drift jsonb NOT NULL DEFAULT '{{}}',
+        drift_total bigint NOT NULL DEFAULT 0,
+        repaired bigint NOT NULL DEFAULT 0,
+        left_over bigint NOT NULL DEFAULT 0,
+        exit_code integer
+    )""",
+    # Shadow reads: counters per tenant, and a sample of mismatches with their diff.
+    """CREATE TABLE IF NOT EXISTS {control}.shadow_stats (
+        tenant text PRIMARY KEY,
+        reads bigint NOT NULL DEFAULT 0,
+        mismatches bigint NOT NULL DEFAULT 0,
+        since timestamptz NOT NULL DEFAULT now()
+    )""",
+    """CREATE TABLE IF NOT EXISTS {control}.shadow_mismatches (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        tenant text NOT NULL,
+        product_id bigint NOT NULL,
+        diff jsonb NOT NULL,
+        at timestamptz NOT NULL DEFAULT now()
+    )""",
 )
 
 _TABLE_DDL = """CREATE TABLE IF NOT EXISTS {images} (
