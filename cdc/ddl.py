@@ -52,15 +52,16 @@ def run_ddl(
     Works inside a transaction (each attempt is a savepoint) and in autocommit mode
     (each attempt is its own transaction). ``schema`` narrows the blocker report.
     """
+    previous = conn.execute("SELECT current_setting('lock_timeout')").fetchone()
     for attempt in range(1, policy.attempts + 1):
         try:
             with conn.transaction():
                 conn.execute(
-                    sql.SQL("SET LOCAL lock_timeout = {}").format(
-                        sql.Literal(f"{policy.lock_timeout_ms}ms")
-                    )
+                    "SELECT set_config('lock_timeout', %s, true)", (f"{policy.lock_timeout_ms}ms",)
                 )
                 conn.execute(stmt)
+                # SET LOCAL outlives a released savepoint: put the caller's value back.
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", previous)
             return
         except errors.LockNotAvailable as exc:
             if attempt == policy.attempts:
@@ -118,7 +119,8 @@ def run_concurrently(
 
 _BLOCKERS = sql.SQL(
     """
-    SELECT l.pid, l.mode, c.oid::regclass::text, coalesce(a.state, ''), coalesce(a.query, '')
+    SELECT l.pid, l.mode, format('%I.%I', n.nspname, c.relname),
+           coalesce(a.state, ''), coalesce(a.query, '')
       FROM pg_locks l
       JOIN pg_class c ON c.oid = l.relation
       JOIN pg_namespace n ON n.oid = c.relnamespace

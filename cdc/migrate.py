@@ -15,19 +15,43 @@ from alembic.config import Config
 
 from alembic import command, op
 from cdc.db import Conn
+from cdc.ddl import DEFAULT_POLICY, LockPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PGDATA = ROOT / ".imgmig" / "pgdata"
 
 
-def alembic_config(url: str, tenants: Sequence[str] | None = None) -> Config:
+def alembic_config(
+    url: str, tenants: Sequence[str] | None = None, *, policy: LockPolicy | None = None
+) -> Config:
     """An Alembic config bound to ``url`` (and optionally to some tenants)."""
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(ROOT / "alembic"))
     cfg.attributes["url"] = url
     if tenants is not None:
         cfg.attributes["tenants"] = list(tenants)
+    if policy is not None:
+        cfg.attributes["lock_policy"] = policy
     return cfg
+
+
+def lock_policy() -> LockPolicy:
+    """The DDL lock policy for the running revision.
+
+    ``-x lock_timeout_ms=500 -x ddl_attempts=5`` on the alembic command line, or a
+    policy passed programmatically; the defaults otherwise.
+    """
+    cfg = op.get_context().config
+    if cfg is None:
+        return DEFAULT_POLICY
+    given = cfg.attributes.get("lock_policy")
+    if isinstance(given, LockPolicy):
+        return given
+    x = _x_args(cfg)
+    return LockPolicy(
+        lock_timeout_ms=int(x.get("lock_timeout_ms", DEFAULT_POLICY.lock_timeout_ms)),
+        attempts=int(x.get("ddl_attempts", DEFAULT_POLICY.attempts)),
+    )
 
 
 def database_url(cfg: Config) -> str:
@@ -58,14 +82,26 @@ def _x_args(cfg: Config) -> dict[str, str]:
     return dict(pairs)
 
 
-def upgrade(url: str, *, tenants: Sequence[str] | None = None, revision: str = "head") -> None:
+def upgrade(
+    url: str,
+    *,
+    tenants: Sequence[str] | None = None,
+    revision: str = "head",
+    policy: LockPolicy | None = None,
+) -> None:
     """``alembic upgrade`` on every tenant (or the given ones)."""
-    command.upgrade(alembic_config(url, tenants), revision)
+    command.upgrade(alembic_config(url, tenants, policy=policy), revision)
 
 
-def downgrade(url: str, revision: str, *, tenants: Sequence[str] | None = None) -> None:
+def downgrade(
+    url: str,
+    revision: str,
+    *,
+    tenants: Sequence[str] | None = None,
+    policy: LockPolicy | None = None,
+) -> None:
     """``alembic downgrade`` on every tenant (or the given ones)."""
-    command.downgrade(alembic_config(url, tenants), revision)
+    command.downgrade(alembic_config(url, tenants, policy=policy), revision)
 
 
 def current_tenant() -> str:

@@ -105,3 +105,13 @@ def conn(migrated_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     """An autocommit connection to a migrated database."""
     with psycopg.connect(migrated_url, autocommit=True) as c:
         yield c
+
+
+@pytest.fixture
+def pg_urls(pg: server.Server) -> Iterator[tuple[str, str, str]]:
+    """Three fresh, empty databases."""
+    names = [_unique("t_multi") for _ in range(3)]
+    urls = tuple(_create_db(pg.url, n) for n in names)
+    yield urls  # type: ignore[misc]
+    for n in names:
+        _drop_db(pg.url, n)

@@ -26,7 +26,7 @@ from alembic import op
 from cdc.db import Conn
 from cdc.ddl import run_concurrently, run_ddl
 from cdc.errors import StageRefusedError
-from cdc.migrate import current_tenant, raw_connection
+from cdc.migrate import current_tenant, lock_policy, raw_connection
 
 revision: str = "0001_expand"
 down_revision: str | None = None
@@ -149,12 +149,17 @@ def upgrade() -> None:
     conn = raw_connection()
     _control_schema(conn, tenant)
     images = sql.Identifier(tenant, "product_images")
-    run_ddl(conn, sql.SQL(_TABLE_DDL).format(images=images), schema=tenant)
+    run_ddl(conn, sql.SQL(_TABLE_DDL).format(images=images), schema=tenant, policy=lock_policy())
     if not _has_constraint(conn, tenant, FK_NAME):
-        run_ddl(conn, _add_fk(tenant), schema=tenant)
+        run_ddl(conn, _add_fk(tenant), schema=tenant, policy=lock_policy())
     with op.get_context().autocommit_block():
         validate = sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}")
-        run_ddl(conn, validate.format(images, sql.Identifier(FK_NAME)), schema=tenant)
+        run_ddl(
+            conn,
+            validate.format(images, sql.Identifier(FK_NAME)),
+            schema=tenant,
+            policy=lock_policy(),
+        )
         for index in INDEXES:
             _create_index(conn, tenant, index)
 
@@ -164,19 +169,23 @@ def downgrade() -> None:
     conn = raw_connection()
     _refuse_if_table_is_truth(conn, tenant)
     drop = sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(tenant, "product_images"))
-    run_ddl(conn, drop, schema=tenant)
+    run_ddl(conn, drop, schema=tenant, policy=lock_policy())
     state = sql.Identifier(CONTROL, "tenant_state")
     conn.execute(sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(CONTROL))
     conn.execute(sql.SQL("DELETE FROM {} WHERE tenant = %s").format(state), (tenant,))
     left = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(state)).fetchone()
     if left is not None and left[0] == 0:
-        run_ddl(conn, sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(CONTROL)))
+        run_ddl(
+            conn,
+            sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(CONTROL)),
+            policy=lock_policy(),
+        )
 
 
 def _control_schema(conn: Conn, tenant: str) -> None:
     conn.execute(sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(CONTROL))
     for stmt in _CONTROL_DDL:
-        run_ddl(conn, sql.SQL(stmt).format(control=sql.Identifier(CONTROL)))
+        run_ddl(conn, sql.SQL(stmt).format(control=sql.Identifier(CONTROL)), policy=lock_policy())
     insert = sql.SQL("INSERT INTO {} (tenant) VALUES (%s) ON CONFLICT (tenant) DO NOTHING")
     conn.execute(insert.format(sql.Identifier(CONTROL, "tenant_state")), (tenant,))
 
@@ -212,7 +221,12 @@ def _create_index(conn: Conn, tenant: str, index: Index) -> None:
         return
     if state is not None:  # left invalid by an interrupted CONCURRENTLY build
         drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}")
-        run_concurrently(conn, drop.format(sql.Identifier(tenant, index.name)), schema=tenant)
+        run_concurrently(
+            conn,
+            drop.format(sql.Identifier(tenant, index.name)),
+            schema=tenant,
+            policy=lock_policy(),
+        )
     create = sql.SQL(
         "CREATE {unique}INDEX CONCURRENTLY IF NOT EXISTS {name} ON {images} ({cols}){where}"
     )
@@ -227,7 +241,7 @@ def _create_index(conn: Conn, tenant: str, index: Index) -> None:
             else sql.SQL("")
         ),
     )
-    run_concurrently(conn, stmt, schema=tenant)
+    run_concurrently(conn, stmt, schema=tenant, policy=lock_policy())
 
 
 def _refuse_if_table_is_truth(conn: Conn, tenant: str) -> None:
