@@ -1,0 +1,140 @@
+"""Change capture: install the versioned SQL, and the triggers each stage needs.
+
+The plpgsql lives in ``cdc/sql`` (``mapping_v1.sql``: the one canonical mapping;
+``capture_v1.sql``: event log, diff projection, capture and reverse triggers, projector,
+replay). It is shared by all tenants, installed idempotently under an advisory lock.
+
+Triggers per stage (DESIGN.md, "Lifecycle"):
+
+* ``jsonb``, ``contracted``: none;
+* ``dual_write``, ``shadow_read``: capture on ``products`` (JSONB -> events -> rows);
+* ``table``: reverse on ``product_images`` (rows -> JSONB) *and* capture, so that old
+  app instances still writing JSONB land in the table; the transaction-local
+  ``imgmig.syncing`` setting stops the two directions from feeding each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Final
+
+import structlog
+from psycopg import sql
+
+from cdc.db import Conn
+from cdc.ddl import run_ddl
+from cdc.errors import InvalidStageError
+
+log = structlog.get_logger(__name__)
+
+#: The SQL files of the current version, in install order.
+CURRENT_SQL: Final = ("mapping_v1.sql", "capture_v1.sql")
+
+INSTALL_LOCK: Final = "imgmig.capture.install"
+
+
+@dataclass(frozen=True)
+class TriggerSpec:
+    """One statement-level trigger with transition tables."""
+
+    name: str
+    table: str
+    event: str
+    function: str
+
+    def create(self, tenant: str) -> sql.Composed:
+        """The CREATE TRIGGER statement for ``tenant``."""
+        refs = {
+            "INSERT": "NEW TABLE AS new_rows",
+            "UPDATE": "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+            "DELETE": "OLD TABLE AS old_rows",
+        }[self.event]
+        return sql.SQL(
+            "CREATE TRIGGER {name} AFTER {event} ON {table} REFERENCING {refs} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+        ).format(
+            name=sql.Identifier(self.name),
+            event=sql.SQL(self.event),
+            table=sql.Identifier(tenant, self.table),
+            refs=sql.SQL(refs),
+            function=sql.Identifier("imgmig", self.function),
+        )
+
+    def drop(self, tenant: str) -> sql.Composed:
+        """The DROP TRIGGER statement for ``tenant``."""
+        return sql.SQL("DROP TRIGGER IF EXISTS {name} ON {table}").format(
+            name=sql.Identifier(self.name), table=sql.Identifier(tenant, self.table)
+        )
+
+
+_EVENTS: Final = (("ins", "INSERT"), ("upd", "UPDATE"), ("del", "DELETE"))
+
+CAPTURE: Final = tuple(
+    TriggerSpec(f"imgmig_capture_{short}", "products", event, "capture_products")
+    for short, event in _EVENTS
+)
+REVERSE: Final = tuple(
+    TriggerSpec(f"imgmig_reverse_{short}", "product_images", event, "reverse_images")
+    for short, event in _EVENTS
+)
+ALL_TRIGGERS: Final = CAPTURE + REVERSE
+
+STAGE_TRIGGERS: Final[dict[str, tuple[TriggerSpec, ...]]] = {
+    "jsonb": (),
+    "dual_write": CAPTURE,
+    "shadow_read": CAPTURE,
+    "table": CAPTURE + REVERSE,
+    "contracted": (),
+}
+
+
+def sql_text(name: str) -> str:
+    """The text of one versioned SQL file shipped in ``cdc.sql``."""
+    return resources.files("cdc.sql").joinpath(name).read_text(encoding="utf-8")
+
+
+def install_sql(conn: Conn, names: tuple[str, ...] = CURRENT_SQL) -> None:
+    """Run versioned SQL files, idempotently, serialised by a transaction advisory lock."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (INSTALL_LOCK,))
+        for name in names:
+            conn.execute(sql_text(name).encode())
+
+
+def install_event_log(conn: Conn, tenant: str) -> None:
+    """Create ``tenant.image_events`` (idempotent)."""
+    conn.execute("SELECT imgmig.install_event_log(%s)", (tenant,))
+
+
+def installed_triggers(conn: Conn, tenant: str) -> set[str]:
+    """Names of the imgmig triggers present in ``tenant``."""
+    rows = conn.execute(
+        "SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND NOT t.tgisinternal AND t.tgname = ANY (%s)",
+        (tenant, [t.name for t in ALL_TRIGGERS]),
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def apply_stage(conn: Conn, tenant: str, stage: str) -> None:
+    """Add and remove triggers so that ``tenant`` has exactly the set ``stage`` needs.
+
+    Runs in the caller's transaction. Each DDL statement takes its lock under
+    ``lock_timeout`` with a bounded retry (``cdc.ddl.run_ddl``); a statement is only
+    issued when the trigger set actually changes, so re-applying a stage takes no lock.
+    """
+    if stage not in STAGE_TRIGGERS:
+        raise InvalidStageError(stage=stage)
+    wanted = STAGE_TRIGGERS[stage]
+    present = installed_triggers(conn, tenant)
+    bound = log.bind(tenant=tenant, stage=stage)
+    for spec in ALL_TRIGGERS:
+        if spec.name in present and spec not in wanted:
+            run_ddl(conn, spec.drop(tenant), schema=tenant)
+            bound.info("trigger dropped", trigger=spec.name)
+    for spec in wanted:
+        if spec.name not in present:
+            run_ddl(conn, spec.create(tenant), schema=tenant)
+            bound.info("trigger created", trigger=spec.name)
