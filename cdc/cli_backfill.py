@@ -1,9 +1,114 @@
-"""CLI verbs for this area; mounted on the main app by cdc.cli."""
+"""CLI verbs for backfill, verify and reconcile; mounted on the main app by cdc.cli.
+
+Exit codes (also in each run's final JSON log line):
+
+* backfill: 0 every tenant done, 3 a tenant failed;
+* verify: 0 clean, 2 drift found, 3 error;
+* reconcile: 0 clean, 1 drift found and repaired, 2 drift left, 3 error;
+* any of them: 75 another run holds a tenant (the run exits at once), 4 bad input
+  (unknown tenant, unknown label strategy), 7 stage refused.
+"""
 
 from __future__ import annotations
 
+import sys
+from typing import Annotated, Optional
+
+import structlog
 import typer
+
+from cdc import backfill as backfill_mod
+from cdc import progress as progress_mod
+from cdc.cli_common import out, url
+from cdc.errors import NoTenantChosenError
+from cdc.labels import known as known_strategies
+from cdc.pacing import BatchSizer
+
+log = structlog.get_logger("cdc.cli")
+
+TenantOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045 - Typer needs Optional here
+    typer.Option("--tenant", "-t", help="Limit to this tenant (repeatable)."),
+]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every tenant.")]
+
+backfill_app = typer.Typer(
+    help="Migrate history: `imgmig backfill --all`, or pause/resume running backfills.",
+    invoke_without_command=True,
+)
+
+
+def chosen(tenant: list[str] | None, all_: bool, action: str) -> list[str] | None:
+    """``--tenant`` names, ``None`` for ``--all``; one of them is required."""
+    if tenant:
+        return tenant
+    if all_:
+        return None
+    raise NoTenantChosenError(action=action)
+
+
+@backfill_app.callback()
+def backfill(  # noqa: PLR0917 - Typer derives options from parameters
+    ctx: typer.Context,
+    tenant: TenantOpt = None,
+    all_: AllOpt = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="First batch size.")] = 500,
+    max_rate: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=1, help="At most this many image rows/s per tenant."),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Tenants in parallel.")] = 2,
+    target_ms: Annotated[int, typer.Option(min=10, help="Target batch duration.")] = 300,
+    label_strategy: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(help=f"Label strategies in order ({', '.join(known_strategies())})."),
+    ] = None,
+    restart: Annotated[bool, typer.Option(help="Start done tenants over.")] = False,
+) -> None:
+    """Backfill product_images from JSONB, resumable (kill -9 safe), tenants in parallel."""
+    if ctx.invoked_subcommand is not None:
+        return
+    config = backfill_mod.BackfillConfig(
+        batch_size=batch_size,
+        sizer=BatchSizer(target_s=target_ms / 1000),
+        max_rate=max_rate,
+        workers=workers,
+        label_strategies=tuple(label_strategy or ("explicit",)),
+        restart=restart,
+    )
+    wanted = chosen(tenant, all_, "backfill")
+    if sys.stderr.isatty():
+        with progress_mod.bars(out) as bars:
+            results = backfill_mod.run(url(), wanted, config, bars)
+    else:
+        results = backfill_mod.run(url(), wanted, config, progress_mod.LogLines())
+    failed = [r for r in results if r.status != "done"]
+    code = 3 if failed else 0
+    log.info(
+        "backfill run finished",
+        exit_code=code,
+        tenants=len(results),
+        failed=[r.tenant for r in failed],
+        products=sum(r.products for r in results),
+        rows=sum(r.rows for r in results),
+    )
+    raise typer.Exit(code)
+
+
+@backfill_app.command("pause")
+def backfill_pause() -> None:
+    """Running backfills stop after their current batch and wait."""
+    backfill_mod.pause(url())
+    out.print("backfill paused")
+
+
+@backfill_app.command("resume")
+def backfill_resume() -> None:
+    """Let paused backfills go on."""
+    backfill_mod.resume(url())
+    out.print("backfill resumed")
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to ``app``."""
+    app.add_typer(backfill_app, name="backfill")

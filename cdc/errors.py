@@ -148,3 +148,43 @@ class StageRefusedError(ImgmigError):
             f"refusing to {self.action} for tenant {self.tenant!r} "
             f"at stage {self.stage!r}: {self.why}"
         )
+
+
+@dataclass(eq=False)
+class TenantBusyError(ImgmigError):
+    """Another backfill or reconcile run holds the tenant's advisory lock."""
+
+    tenant: str
+    action: str
+    holder: str = "another session"
+    # EX_TEMPFAIL (sysexits.h): "try again later", distinct from cron's 0-3.
+    exit_code: int = 75
+
+    def message(self) -> str:
+        return (
+            f"not starting {self.action}: tenant {self.tenant!r} is busy with another imgmig "
+            f"run ({self.holder}); exiting so runs never overlap"
+        )
+
+
+@dataclass(eq=False)
+class UnknownLabelStrategyError(ImgmigError):
+    """A label strategy name that is not registered."""
+
+    name: str
+    known: tuple[str, ...] = ()
+    exit_code: int = 4
+
+    def message(self) -> str:
+        return f"unknown label strategy {self.name!r} (known: {', '.join(self.known)})"
+
+
+@dataclass(eq=False)
+class NoTenantChosenError(ImgmigError):
+    """A command that acts on tenants was given neither ``--tenant`` nor ``--all``."""
+
+    action: str
+    exit_code: int = 4
+
+    def message(self) -> str:
+        return f"{self.action}: pass --tenant T (repeatable) or --all"

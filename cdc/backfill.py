@@ -1,0 +1,305 @@
+"""Backfill: project every product's history into ``product_images``, online and resumable.
+
+Per tenant, in keyset batches over ``products.id``, each batch one transaction:
+
+1. lock the batch's products ``FOR NO KEY UPDATE`` and project their *current* JSONB
+   through the canonical mapping (``imgmig.snapshot``: one set-based statement that
+   logs an ``images.snapshot`` event per product and diffs the rows). The lock is taken
+   before the JSONB is read, so a live write either committed first (and we read its
+   value) or waits for this batch; older data never overwrites newer;
+2. log an ``images.malformed`` event (with the original JSONB) for each product whose
+   array has problems; the mapping has already projected its well-formed elements;
+3. apply the enabled heuristic label strategies (``cdc.labels``);
+4. advance the checkpoint, then commit.
+
+Between batches: the pause switch, the rate limit and the batch-size controller. A lost
+connection rolls the open batch back; the worker reconnects and resumes from the
+checkpoint. One advisory lock per tenant (``cdc.locks``) keeps two runs apart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import psycopg
+import structlog
+from psycopg import errors, sql
+
+from cdc import checkpoint, labels, locks
+from cdc import stage as stage_mod
+from cdc.db import Conn, connect
+from cdc.errors import ImgmigError, StageRefusedError
+from cdc.pacing import BatchSizer, RateLimiter
+from cdc.stage import Stage
+from cdc.tenants import resolve
+
+log = structlog.get_logger(__name__)
+
+APP_NAME: Final = "imgmig-backfill"
+ALLOWED: Final = (Stage.DUAL_WRITE, Stage.SHADOW_READ)
+LOCK_RETRIES: Final = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackfillConfig:
+    batch_size: int = 500
+    sizer: BatchSizer = field(default_factory=BatchSizer)
+    max_rate: float | None = None  # image rows per second, per tenant
+    workers: int = 2
+    label_strategies: tuple[str, ...] = labels.DEFAULT
+    restart: bool = False
+    pause_poll_s: float = 0.5
+    lock_timeout_ms: int = 2000
+    reconnect_attempts: int = 8
+
+
+@dataclass(frozen=True)
+class Batch:
+    tenant: str
+    products: int
+    rows: int
+    last_id: int
+    elapsed_s: float
+    batch_size: int
+    malformed: int
+    labelled: int
+
+
+@dataclass
+class TenantResult:
+    tenant: str
+    status: str = "running"  # done | failed
+    products: int = 0
+    rows: int = 0
+    batches: int = 0
+    malformed: int = 0
+    reconnects: int = 0
+    error: str | None = None
+
+
+class Progress(Protocol):
+    def start(self, tenant: str, total: int, done: int) -> None: ...
+    def batch(self, batch: Batch) -> None: ...
+    def paused(self, tenant: str) -> None: ...
+    def finish(self, result: TenantResult) -> None: ...
+
+
+_LOCK_AND_PROJECT: Final = sql.SQL(
+    """WITH locked AS (
+           SELECT id FROM {products}
+            WHERE id > %(after)s AND id <= %(max_id)s
+            ORDER BY id LIMIT %(limit)s
+              FOR NO KEY UPDATE
+       ), batch AS (SELECT array_agg(id ORDER BY id) AS ids FROM locked)
+       SELECT b.ids, imgmig.snapshot(%(tenant)s, b.ids, 'backfill') FROM batch b"""
+)
+
+_MALFORMED: Final = sql.SQL(
+    """INSERT INTO {events} (aggregateid, type, payload, tenant, source)
+       SELECT p.id::text, x.type, x.payload, %(tenant)s, 'backfill'
+         FROM {products} p
+        CROSS JOIN LATERAL imgmig.change_events('snapshot', NULL, p.images) x
+        WHERE p.id = ANY (%(ids)s) AND x.type = 'images.malformed'"""
+)
+
+
+def check_stage(conn: Conn, tenant: str) -> None:
+    """Refuse tenants whose stage makes a backfill unsafe or pointless."""
+    current = stage_mod.get(conn, tenant).stage
+    if current in ALLOWED:
+        return
+    why = (
+        "no change capture yet, so writes made during the backfill would be lost; "
+        "move it to dual_write first (imgmig flag set dual_write)"
+        if current is Stage.JSONB
+        else "the table is already the source of truth; use imgmig reconcile instead"
+    )
+    raise StageRefusedError(tenant=tenant, stage=current.value, action="backfill", why=why)
+
+
+def choose_tenants(conn: Conn, wanted: Sequence[str] | None) -> list[str]:
+    """Named tenants must all be eligible; ``None`` (``--all``) skips ineligible ones."""
+    names = resolve(conn, wanted)
+    if wanted is not None:
+        for tenant in names:
+            check_stage(conn, tenant)
+        return names
+    eligible = []
+    for tenant in names:
+        try:
+            check_stage(conn, tenant)
+            eligible.append(tenant)
+        except ImgmigError as exc:
+            log.warning("tenant skipped", tenant=tenant, reason=str(exc))
+    return eligible
+
+
+def run(
+    url: str,
+    tenants: Sequence[str] | None,
+    config: BackfillConfig,
+    progress: Progress,
+) -> list[TenantResult]:
+    """Backfill ``tenants`` (``None``: every eligible tenant) in parallel workers."""
+    strategies = labels.resolve(config.label_strategies)
+    with connect(url, autocommit=True, application_name=APP_NAME) as lock_conn:
+        names = choose_tenants(lock_conn, tenants)
+        locks.lock_all(lock_conn, names, "backfill")
+        with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
+            futures = [pool.submit(run_tenant, url, t, config, strategies, progress) for t in names]
+            return [f.result() for f in futures]
+
+
+def run_tenant(
+    url: str,
+    tenant: str,
+    config: BackfillConfig,
+    strategies: Sequence[labels.LabelStrategy],
+    progress: Progress,
+) -> TenantResult:
+    """One worker: batches until done, reconnecting from the checkpoint on connection loss."""
+    worker = _Worker(tenant, config, tuple(strategies), progress)
+    bound = log.bind(tenant=tenant)
+    restart = config.restart
+    result = worker.result
+    while True:
+        try:
+            with connect(url, autocommit=True, application_name=APP_NAME) as conn:
+                worker.drive(conn, restart=restart)
+            result.status = "done"
+            break
+        except psycopg.OperationalError as exc:
+            restart = False  # the checkpoint now holds this run's position
+            result.reconnects += 1
+            bound.warning("connection lost; resuming from checkpoint", error=str(exc).strip())
+            if result.reconnects > config.reconnect_attempts:
+                result.status, result.error = "failed", str(exc).strip()
+                break
+            time.sleep(min(5.0, 0.1 * 2**result.reconnects))
+        except (ImgmigError, psycopg.Error) as exc:
+            result.status, result.error = "failed", str(exc).strip()
+            bound.error("backfill failed", error=result.error)
+            break
+    progress.finish(result)
+    return result
+
+
+@dataclass
+class _Worker:
+    tenant: str
+    config: BackfillConfig
+    strategies: tuple[labels.LabelStrategy, ...]
+    progress: Progress
+    result: TenantResult = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.result = TenantResult(self.tenant)
+
+    def drive(self, conn: Conn, *, restart: bool) -> None:
+        """Batches from the checkpoint to ``max_id``, then mark the tenant done."""
+        with conn.transaction():
+            check_stage(conn, self.tenant)
+            cp = checkpoint.read(conn, self.tenant)
+            if cp is not None and cp.status == "done" and not restart:
+                return
+            cp = checkpoint.start(conn, self.tenant, restart=restart)
+        total = cp.products_done + checkpoint.remaining(conn, self.tenant, cp)
+        self.progress.start(self.tenant, total, cp.products_done)
+        size = cp.batch_size or self.config.batch_size
+        limiter = RateLimiter(self.config.max_rate)
+        after, max_id = cp.last_id, cp.max_id or 0
+        while after < max_id:
+            self._wait_while_paused(conn)
+            batch = self._one_batch(conn, after, max_id, size)
+            if batch is None:
+                break
+            self._account(batch)
+            after = batch.last_id
+            size = self.config.sizer.next(size, batch.elapsed_s)
+            limiter.wait(batch.rows)
+        with conn.transaction():
+            checkpoint.finish(conn, self.tenant)
+
+    def _account(self, batch: Batch) -> None:
+        self.result.products += batch.products
+        self.result.rows += batch.rows
+        self.result.malformed += batch.malformed
+        self.result.batches += 1
+        self.progress.batch(batch)
+
+    def _one_batch(self, conn: Conn, after: int, max_id: int, size: int) -> Batch | None:
+        """One batch in one transaction, retried whole on a lock timeout or deadlock.
+
+        A writer holding a product row for long makes the batch give up its locks (after
+        ``lock_timeout``) and retry smaller, rather than queue other writers behind it.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.monotonic()
+            try:
+                with conn.transaction():
+                    return self._batch_body(conn, after, max_id, size, started)
+            except (errors.LockNotAvailable, errors.DeadlockDetected) as exc:
+                if attempt >= LOCK_RETRIES:
+                    raise
+                log.warning(
+                    "batch lock conflict; retrying smaller",
+                    tenant=self.tenant,
+                    attempt=attempt,
+                    error=type(exc).__name__,
+                )
+                size = max(self.config.sizer.minimum, size // 2)
+                time.sleep(0.05 * attempt)
+
+    def _batch_body(
+        self, conn: Conn, after: int, max_id: int, size: int, started: float
+    ) -> Batch | None:
+        tenant = self.tenant
+        timeout = sql.Literal(f"{self.config.lock_timeout_ms}ms")
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(timeout))
+        row = conn.execute(
+            _LOCK_AND_PROJECT.format(products=sql.Identifier(tenant, "products")),
+            {"after": after, "max_id": max_id, "limit": size, "tenant": tenant},
+        ).fetchone()
+        ids: list[int] = list(row[0]) if row and row[0] else []
+        if not row or not ids:
+            checkpoint.advance(conn, tenant, last_id=max_id, products=0, rows=0, batch_size=size)
+            return None
+        rows = int(row[1] or 0)
+        malformed = conn.execute(
+            _MALFORMED.format(
+                events=sql.Identifier(tenant, "image_events"),
+                products=sql.Identifier(tenant, "products"),
+            ),
+            {"tenant": tenant, "ids": ids},
+        ).rowcount
+        labelled = labels.apply(conn, tenant, ids, self.strategies)
+        checkpoint.advance(
+            conn, tenant, last_id=ids[-1], products=len(ids), rows=rows, batch_size=size
+        )
+        elapsed = time.monotonic() - started
+        return Batch(tenant, len(ids), rows, ids[-1], elapsed, size, max(malformed, 0), labelled)
+
+    def _wait_while_paused(self, conn: Conn) -> None:
+        announced = False
+        while checkpoint.paused(conn):
+            if not announced:
+                self.progress.paused(self.tenant)
+                announced = True
+            time.sleep(self.config.pause_poll_s)
+
+
+def pause(url: str) -> None:
+    """Ask running backfills to stop after their current batch (they wait, holding no lock)."""
+    with connect(url, autocommit=True) as conn:
+        checkpoint.set_paused(conn, True)
+
+
+def resume(url: str) -> None:
+    with connect(url, autocommit=True) as conn:
+        checkpoint.set_paused(conn, False)

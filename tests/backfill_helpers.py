@@ -1,0 +1,53 @@
+"""Shared helpers for the backfill, verify and reconcile tests (not a test module)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdc import stage as stage_mod
+from cdc.db import Query, connect
+
+TENANTS = ("user_1", "user_2", "user_4", "user_5")
+
+
+def set_stage(url: str, stage: str, tenants: tuple[str, ...] = TENANTS) -> None:
+    """Move tenants to ``stage`` (installs the stage's triggers)."""
+    with connect(url) as conn:
+        for tenant in tenants:
+            stage_mod.set_stage(conn, tenant, stage, reason="test")
+        conn.commit()
+
+
+def scalar(conn: psycopg.Connection[Any], query: Query, *args: object) -> Any:
+    row = conn.execute(query, args or None).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def ident(tenant: str, table: str) -> sql.Identifier:
+    return sql.Identifier(tenant, table)
+
+
+def exact_mismatches(conn: psycopg.Connection[Any], tenant: str) -> int:
+    """Products whose rows are not exactly the canonical mapping of their JSONB.
+
+    Independent of cdc.verify: compares the mapping's canonical array with the rows read
+    back through the mapping (order, duplicates and missing rows all show up).
+    """
+    query = sql.SQL(
+        """SELECT count(*) FROM {products} p
+            WHERE imgmig.images_canonical(p.images)
+                  IS DISTINCT FROM (SELECT r.images FROM imgmig.rows_images({t}, ARRAY[p.id]) r)"""
+    ).format(products=ident(tenant, "products"), t=sql.Literal(tenant))
+    return int(scalar(conn, query))
+
+
+def duplicate_orders(conn: psycopg.Connection[Any], tenant: str) -> int:
+    query = sql.SQL(
+        'SELECT count(*) FROM (SELECT product_id, "order" FROM {} '
+        "GROUP BY 1, 2 HAVING count(*) > 1) d"
+    ).format(ident(tenant, "product_images"))
+    return int(scalar(conn, query))
