@@ -1,0 +1,99 @@
+"""Reverse sync (stage table): writes to product_images rewrite products.images."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.capture_support import (
+    TENANT,
+    Conn,
+    events_of,
+    go,
+    images_of,
+    img,
+    in_sync,
+    new_product,
+    rows_of,
+    write_images,
+)
+
+A, B, C = (f"https://cdn.example/{x}.jpg" for x in "abc")
+
+
+@pytest.fixture
+def table_stage(conn: Conn) -> Conn:
+    """A migrated database with user_1 moved through dual_write to stage table."""
+    go(conn, "dual_write")
+    go(conn, "table")
+    return conn
+
+
+def test_row_insert_update_delete_rewrite_the_jsonb(table_stage: Conn) -> None:
+    """Insert, update and delete on the table each show up in products.images."""
+    c = table_stage
+    pid = new_product(c, [img(A, 0)])
+    c.execute(
+        f'INSERT INTO {TENANT}.product_images (product_id, url, "order", is_label, created_at) '
+        "VALUES (%s, %s, 1, true, '2025-03-01 12:00:00+00')",
+        (pid, B),
+    )
+    assert images_of(c, pid) == [img(A, 0), img(B, 1, is_label=True)]
+    c.execute(
+        f"UPDATE {TENANT}.product_images SET alt_text = 'front' WHERE product_id = %s AND url = %s",
+        (pid, A),
+    )
+    assert images_of(c, pid)[0] == img(A, 0, alt_text="front")
+    c.execute(f"DELETE FROM {TENANT}.product_images WHERE product_id = %s AND url = %s", (pid, A))
+    assert images_of(c, pid) == [img(B, 1, is_label=True)]
+    assert in_sync(c, pid)
+
+
+def test_reverse_writes_are_logged_as_service_without_ping_pong(table_stage: Conn) -> None:
+    """Each table write logs exactly one 'service' event and is not projected back."""
+    c = table_stage
+    pid = new_product(c, [img(A, 0)])
+    ids = [r[0] for r in rows_of(c, pid)]
+    c.execute(f"UPDATE {TENANT}.product_images SET alt_text = 'x' WHERE product_id = %s", (pid,))
+    assert [r[0] for r in rows_of(c, pid)] == ids
+    assert [(e[0], e[2]) for e in events_of(c, pid)] == [
+        ("images.inserted", "legacy"),
+        ("images.updated", "service"),
+    ]
+
+
+def test_legacy_write_in_table_stage_reaches_the_rows(table_stage: Conn) -> None:
+    """Old app instances still writing JSONB are captured into the table."""
+    c = table_stage
+    pid = new_product(c, [img(A, 0)])
+    write_images(c, pid, [img(B, 0), img(A, 1)])
+    assert [(r[1], r[2]) for r in rows_of(c, pid)] == [(B, 0), (A, 1)]
+    assert images_of(c, pid) == [img(B, 0), img(A, 1)]
+    assert len(events_of(c, pid)) == 2
+
+
+def test_multi_row_table_write_rewrites_every_product(table_stage: Conn) -> None:
+    """One UPDATE over many products' rows rewrites each product's JSONB once."""
+    c = table_stage
+    ids = [r[0] for r in c.execute(f"SELECT id FROM {TENANT}.products").fetchall()]
+    c.execute("SELECT imgmig.snapshot(%s, %s, 'backfill')", (TENANT, ids))
+    c.execute(f"UPDATE {TENANT}.product_images SET tags = '{{bulk}}'")
+    row = c.execute(
+        f'SELECT count(*) FILTER (WHERE images @> \'[{{"tags": ["bulk"]}}]\') '
+        f"FROM {TENANT}.products WHERE jsonb_array_length(images) > 0"
+    ).fetchone()
+    assert row == (len(ids),)
+    assert all(in_sync(c, pid) for pid in ids)
+
+
+def test_sync_flag_does_not_leak_into_the_transaction(table_stage: Conn) -> None:
+    """After a synced write, imgmig.syncing is back to empty in the same transaction."""
+    c = table_stage
+    pid = new_product(c, [img(A, 0)])
+    with c.transaction():
+        c.execute(
+            f"UPDATE {TENANT}.product_images SET alt_text = 'y' WHERE product_id = %s", (pid,)
+        )
+        write_images(c, pid, [img(C, 0)])
+        row = c.execute("SELECT current_setting('imgmig.syncing', true)").fetchone()
+    assert row == ("",)
+    assert [r[1] for r in rows_of(c, pid)] == [C]
