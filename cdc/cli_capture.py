@@ -1,9 +1,48 @@
-"""CLI verbs for this area; mounted on the main app by cdc.cli."""
+"""CLI verbs for change capture: ``project`` and ``replay``; mounted by cdc.cli."""
 
 from __future__ import annotations
 
+from typing import Annotated, Optional
+
 import typer
+
+from cdc import events, project
+from cdc import tenants as tenants_mod
+from cdc.cli_common import out, url
+from cdc.db import connect
+
+TenantsOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045 - Typer needs Optional here
+    typer.Option("--tenant", "-t", help="Limit to this tenant (repeatable)."),
+]
+
+
+def project_cmd(
+    tenant: TenantsOpt = None,
+    all_tenants: Annotated[bool, typer.Option("--all", help="Every tenant.")] = False,
+) -> None:
+    """Apply pending capture events to product_images (the deferred projector)."""
+    if not tenant and not all_tenants:
+        raise typer.BadParameter("name a --tenant or pass --all")
+    with connect(url(), autocommit=True) as conn:
+        for name in tenants_mod.resolve(conn, None if all_tenants else tenant):
+            applied = project.project(conn, name)
+            behind = project.lag(conn, name)
+            out.print(f"{name}: {applied} products projected, {behind.pending} events pending")
+
+
+def replay_cmd(
+    tenant: Annotated[str, typer.Option("--tenant", "-t", help="The tenant to rebuild.")],
+) -> None:
+    """Rebuild a tenant's product_images from its event log."""
+    with connect(url()) as conn:
+        (name,) = tenants_mod.resolve(conn, [tenant])
+        with conn.transaction():
+            count = events.replay(conn, name)
+    out.print(f"{name}: product_images rebuilt from events for {count} products")
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to ``app``."""
+    app.command("project")(project_cmd)
+    app.command("replay")(replay_cmd)

@@ -1,0 +1,53 @@
+"""The deferred projector: applies a tenant's pending events to ``product_images``.
+
+In deferred mode (``imgmig.tenant_state.projection = 'deferred'``) the capture trigger
+only appends events; ``project`` applies them, in order per product and idempotently,
+with its checkpoint in ``imgmig.projector_checkpoint`` (see ``imgmig.project_pending`` in
+``cdc/sql/capture_v1.sql`` for why the checkpoint is a transaction-id horizon).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+
+from cdc.db import Conn
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Lag:
+    """Events not applied yet, and when the oldest was written."""
+
+    tenant: str
+    pending: int
+    oldest: datetime | None
+
+
+def project(conn: Conn, tenant: str) -> int:
+    """One projector run for ``tenant`` in its own transaction; returns products applied."""
+    with conn.transaction():
+        row = conn.execute("SELECT imgmig.project_pending(%s)", (tenant,)).fetchone()
+    count = int(row[0]) if row is not None else 0
+    log.info("projected pending events", tenant=tenant, products=count)
+    return count
+
+
+def lag(conn: Conn, tenant: str) -> Lag:
+    """How far the projector is behind the event log of ``tenant``."""
+    row = conn.execute(
+        "SELECT pending, oldest FROM imgmig.projection_lag(%s)", (tenant,)
+    ).fetchone()
+    if row is None:
+        return Lag(tenant=tenant, pending=0, oldest=None)
+    return Lag(tenant=tenant, pending=int(row[0]), oldest=row[1])
+
+
+def set_mode(conn: Conn, tenant: str, mode: str) -> None:
+    """Switch ``tenant`` between 'inline' and 'deferred' projection (caller's transaction)."""
+    if mode not in ("inline", "deferred"):
+        raise ValueError(f"projection mode must be inline or deferred, not {mode!r}")
+    conn.execute("UPDATE imgmig.tenant_state SET projection = %s WHERE tenant = %s", (mode, tenant))
