@@ -17,9 +17,7 @@ from rich.table import Table
 from cdc import demo as demo_mod
 from cdc import migrate as migrate_mod
 from cdc import seed as seed_mod
-from cdc import stage as stage_mod
 from cdc import status as status_mod
-from cdc import tenants as tenants_mod
 from cdc.cli_common import Settings, out, url
 from cdc.db import connect
 from cdc.errors import ImgmigError
@@ -32,9 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 migrate_app = typer.Typer(help="Run the Alembic revisions on every tenant (or some).")
-flag_app = typer.Typer(help="Read and set the per-tenant stage flag.")
 app.add_typer(migrate_app, name="migrate")
-app.add_typer(flag_app, name="flag")
 
 TenantOpt = Annotated[
     Optional[list[str]],  # noqa: UP045 - Typer needs Optional here
@@ -70,6 +66,7 @@ def seed(
     mess_share: float = 0.02,
     seed: int = 42,
     reset: Annotated[bool, typer.Option(help="Drop existing tenant schemas first.")] = False,
+    jobs: Annotated[int, typer.Option(help="Tenants filled in parallel.")] = 2,
 ) -> None:
     """Create deterministic StoFlow-like tenants with a known label truth."""
     try:
@@ -79,8 +76,9 @@ def seed(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     started = time.monotonic()
-    with connect(url()) as conn:
-        counts = seed_mod.seed(conn, config, reset=reset)
+    target = url()
+    with connect(target) as conn:
+        counts = seed_mod.seed(conn, config, reset=reset, url=target, jobs=jobs)
     took = time.monotonic() - started
     out.print(f"seeded {sum(counts.values())} products in {len(counts)} tenants in {took:.1f} s")
 
@@ -102,25 +100,6 @@ def status(tenant: TenantOpt = None) -> None:
     """Tenants, products, images on both sides, and stages."""
     with connect(url()) as conn:
         print_summaries(status_mod.summarize(conn, tenant))
-
-
-@flag_app.command("get")
-def flag_get(tenant: TenantOpt = None) -> None:
-    """Show each tenant's stage."""
-    with connect(url()) as conn:
-        names = tenants_mod.resolve(conn, tenant)  # a clear error for an unknown tenant
-        states = stage_mod.get_all(conn, names)
-    table = Table("tenant", "stage", "projection", "since", "by", "reason")
-    for s in states:
-        table.add_row(
-            s.tenant,
-            s.stage.value,
-            s.projection,
-            f"{s.stage_changed_at:%Y-%m-%d %H:%M:%S}",
-            s.changed_by or "",
-            s.reason or "",
-        )
-    out.print(table)
 
 
 @app.command()

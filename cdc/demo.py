@@ -55,7 +55,7 @@ def run(url: str, config: seed.SeedConfig, *, reseed: bool = False) -> DemoResul
         if reused:
             log.info("reusing seeded data", **asdict(config))
         else:
-            seed.seed(conn, config, reset=True)
+            seed.seed(conn, config, reset=True, url=url, jobs=2)
     migrate.upgrade(url)
     with connect(url) as conn:
         summaries = status.summarize(conn)

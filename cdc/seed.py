@@ -10,6 +10,7 @@ tests and the demo report compare against it.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import LiteralString
 
@@ -17,7 +18,7 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from cdc.db import Conn
+from cdc.db import Conn, connect
 from cdc.errors import SeedExistsError
 from cdc.tenants import CONTROL_SCHEMA, TRUTH_SCHEMA, discover
 
@@ -110,31 +111,36 @@ SELECT q.id,
        (ARRAY['Levi''s', 'Zara', 'Nike', 'Sézane', 'H&M', 'Carhartt'])[1 + q.g % 6],
        round((5 + abs(hashtextextended(q.g || ':p', {seed})) % 20000 / 100.0)::numeric, 2),
        q.born, q.born,
-       (SELECT jsonb_agg(e.elem ORDER BY e.k) FROM (
+       -- Built as text and cast once: many times faster than jsonb_build_object per
+       -- element, and safe because every piece is hex, digits or a fixed literal.
+       (SELECT ('[' || string_agg(
+                  '{{"url": "' || e.url || '"'
+                  || CASE WHEN e.ord IS NULL THEN '' ELSE ', "order": ' || e.ord END
+                  || ', "created_at": "' || e.ts || '"}}', ', ' ORDER BY e.k) || ']')::jsonb
+          FROM (
            SELECT k,
-                  jsonb_strip_nulls(jsonb_build_object(
-                      'url',
-                      CASE WHEN q.mess = 2 AND k = 0 THEN 'http' ELSE 'https' END
-                      || '://cdn.stoflow.example/' || {tenant_lit} || '/p/' || q.id || '/'
-                      || substr(md5(q.g || ':' || CASE WHEN q.mess = 3 AND k = 1 THEN 0 ELSE k END
-                                    || ':' || {seed}), 1, 16)
-                      || CASE WHEN q.has_label AND k = q.n_img - 1
-                              THEN CASE WHEN abs(hashtextextended(q.g || ':x', {seed})) % 10 < 8
-                                        THEN '.png' ELSE '.jpg' END
-                              WHEN q.mess = 3 AND k = 1 THEN '.jpg'
-                              ELSE CASE WHEN abs(hashtextextended(q.g || ':' || k || ':x', {seed}))
-                                             % 20 = 0 THEN '.png' ELSE '.jpg' END END,
-                      'order',
-                      CASE WHEN q.mess = 0 AND k = q.n_img / 2 THEN NULL
-                           WHEN q.mess = 1 AND k = 1 THEN 0
-                           ELSE k END,
-                      'created_at',
-                      to_char((q.born + make_interval(mins => k * 2)
-                                 + CASE WHEN q.has_label AND k = q.n_img - 1
-                                        THEN make_interval(hours => 3) ELSE interval '0' END)
-                              AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
-                  )) AS elem
-             FROM generate_series(0, q.n_img - 1) AS k
+                  CASE WHEN q.mess = 2 AND k = 0 THEN 'http' ELSE 'https' END
+                  || '://cdn.stoflow.example/' || {tenant_lit} || '/p/' || q.id || '/'
+                  || substr(h, 1, 16)
+                  || CASE WHEN q.has_label AND k = q.n_img - 1
+                          THEN CASE WHEN abs(hashtextextended(q.g || ':x', {seed})) % 10 < 8
+                                    THEN '.png' ELSE '.jpg' END
+                          WHEN q.mess = 3 AND k = 1 THEN '.jpg'
+                          -- about 1 photo in 16 is a PNG too
+                          ELSE CASE WHEN substr(h, 16, 1) = '0' THEN '.png' ELSE '.jpg' END END
+                      AS url,
+                  CASE WHEN q.mess = 0 AND k = q.n_img / 2 THEN NULL
+                       WHEN q.mess = 1 AND k = 1 THEN 0
+                       ELSE k END AS ord,
+                  to_char((q.born + make_interval(mins => k * 2)
+                             + CASE WHEN q.has_label AND k = q.n_img - 1
+                                    THEN make_interval(hours => 3) ELSE interval '0' END)
+                          AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS ts
+             FROM generate_series(0, q.n_img - 1) AS k,
+                  -- 16 hex digits from a 64-bit hash: md5() is several times slower here.
+                  LATERAL (SELECT lpad(to_hex(hashtextextended(
+                               q.g || ':' || CASE WHEN q.mess = 3 AND k = 1 THEN 0 ELSE k END,
+                               {seed})), 16, '0') AS h) AS hh
        ) AS e)
   FROM q
 """
@@ -168,10 +174,19 @@ def seeded_with(conn: Conn) -> dict[str, object] | None:
     return dict(row[0]) if row else None
 
 
-def seed(conn: Conn, config: SeedConfig, *, reset: bool = False) -> dict[str, int]:
+def seed(
+    conn: Conn,
+    config: SeedConfig,
+    *,
+    reset: bool = False,
+    url: str | None = None,
+    jobs: int = 1,
+) -> dict[str, int]:
     """Create the tenants and their products; return products per tenant.
 
-    Refuses to touch existing tenant schemas unless ``reset`` is true. Commits per tenant.
+    Refuses to touch existing tenant schemas unless ``reset`` is true. Each tenant is
+    filled and committed in its own transaction; with ``url`` and ``jobs > 1`` tenants
+    are filled in parallel on their own connections (the data is the same either way).
     """
     found = existing(conn)
     if found and not reset:
@@ -179,21 +194,26 @@ def seed(conn: Conn, config: SeedConfig, *, reset: bool = False) -> dict[str, in
     for schema in [*found, CONTROL_SCHEMA]:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
     _create_truth(conn, config)
+    names = config.tenant_names()
+    for name in [*names, TEMPLATE_TENANT]:
+        _create_tenant(conn, name)
     conn.commit()
 
-    counts: dict[str, int] = {}
-    offset = 0
-    for name, n in zip(config.tenant_names(), config.split(), strict=True):
-        _create_tenant(conn, name)
-        _fill_tenant(conn, name, n, offset, config)
-        conn.commit()
-        counts[name] = n
-        offset += n
-        log.info("seeded tenant", tenant=name, products=n)
-    _create_tenant(conn, TEMPLATE_TENANT)
-    conn.commit()
-    counts[TEMPLATE_TENANT] = 0
-    return counts
+    offsets = [sum(config.split()[:i]) for i in range(len(names))]
+    work = list(zip(names, config.split(), offsets, strict=True))
+    if url is None or jobs <= 1:
+        for name, n, offset in work:
+            _fill_tenant(conn, name, n, offset, config)
+            conn.commit()
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(lambda w: _fill_on_own_connection(url, config, *w), work))
+    return {**{name: n for name, n, _ in work}, TEMPLATE_TENANT: 0}
+
+
+def _fill_on_own_connection(url: str, config: SeedConfig, name: str, n: int, offset: int) -> None:
+    with connect(url) as own:
+        _fill_tenant(own, name, n, offset, config)
 
 
 def _create_truth(conn: Conn, config: SeedConfig) -> None:
@@ -246,3 +266,4 @@ def _fill_tenant(conn: Conn, name: str, n: int, offset: int, config: SeedConfig)
         )
     )
     conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(name, "products")))
+    log.info("seeded tenant", tenant=name, products=n)
