@@ -188,3 +188,145 @@ class NoTenantChosenError(ImgmigError):
 
     def message(self) -> str:
         return f"{self.action}: pass --tenant T (repeatable) or --all"
+
+
+# --- Cutover flag (issue 5) ---------------------------------------------------------
+
+
+@dataclass(eq=False)
+class GuardRefusedError(ImgmigError):
+    """A stage change that a guard (or a skipped stage) forbids without ``--force``."""
+
+    tenant: str
+    current: str
+    target: str
+    reasons: tuple[str, ...]
+    exit_code: int = 8
+
+    def message(self) -> str:
+        return (
+            f"refusing {self.current} -> {self.target} for tenant {self.tenant!r}: "
+            f"{'; '.join(self.reasons)} (pass --force with a --reason to override)"
+        )
+
+
+@dataclass(eq=False)
+class ReasonRequiredError(ImgmigError):
+    """A stage change without a reason: every change is audited with one."""
+
+    action: str
+    exit_code: int = 4
+
+    def message(self) -> str:
+        return f"{self.action}: a non-empty --reason is required (it goes to the audit log)"
+
+
+# --- ProductImageService and its HTTP API (issue 5) ------------------------------------
+
+
+class ImageServiceError(ImgmigError):
+    """Base of the errors a caller of ProductImageService can cause with bad input."""
+
+    exit_code: int = 4
+
+
+@dataclass(eq=False)
+class ProductNotFoundError(ImageServiceError):
+    """No product with this id in the tenant."""
+
+    tenant: str
+    product_id: int
+
+    def message(self) -> str:
+        return f"product {self.product_id} not found in tenant {self.tenant!r}"
+
+
+@dataclass(eq=False)
+class ImageNotFoundError(ImageServiceError):
+    """No image with this id in the tenant (or not in the given product)."""
+
+    tenant: str
+    image_id: int
+    product_id: int | None = None
+
+    def message(self) -> str:
+        where = f" of product {self.product_id}" if self.product_id is not None else ""
+        return f"image {self.image_id}{where} not found in tenant {self.tenant!r}"
+
+
+@dataclass(eq=False)
+class InvalidImageError(ImageServiceError):
+    """An image field that fails validation (URL scheme, mime type, size, type)."""
+
+    field: str
+    value: object
+    why: str
+
+    def message(self) -> str:
+        shown = repr(self.value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return f"invalid image {self.field} {shown}: {self.why}"
+
+
+@dataclass(eq=False)
+class PhotoLimitError(ImageServiceError):
+    """Adding a photo would exceed the per-product photo limit."""
+
+    tenant: str
+    product_id: int
+    limit: int
+
+    def message(self) -> str:
+        return f"product {self.product_id} already has the maximum of {self.limit} photos"
+
+
+@dataclass(eq=False)
+class NotAPermutationError(ImageServiceError):
+    """A reorder whose ids are not exactly the product's image ids, each once."""
+
+    product_id: int
+    expected: tuple[int, ...]
+    given: tuple[int, ...]
+
+    def message(self) -> str:
+        return (
+            f"new order for product {self.product_id} must be a permutation of its image ids "
+            f"{sorted(self.expected)}, got {list(self.given)}"
+        )
+
+
+@dataclass(eq=False)
+class LabelConflictError(ImageServiceError):
+    """Marking a second label on a product that already has one."""
+
+    tenant: str
+    product_id: int
+    label_image_id: int
+
+    def message(self) -> str:
+        return (
+            f"product {self.product_id} already has a label (image {self.label_image_id}); "
+            "unset it first: at most one label per product"
+        )
+
+
+@dataclass(eq=False)
+class InvalidApiKeyError(ImgmigError):
+    """A request without an API key, or with one we do not know."""
+
+    exit_code: int = 4
+
+    def message(self) -> str:
+        return "missing or unknown API key (send it in the X-API-Key header)"
+
+
+@dataclass(eq=False)
+class TenantForbiddenError(ImgmigError):
+    """An API key used for a tenant other than its own."""
+
+    key_tenant: str
+    tenant: str
+    exit_code: int = 4
+
+    def message(self) -> str:
+        return f"this API key is not valid for tenant {self.tenant!r}"

@@ -1,0 +1,294 @@
+"""Guarded stage changes, the kill switch, and the stage cache services read through.
+
+``cdc.stage.set_stage`` moves a tenant and audits it; this module decides whether it may:
+
+* one step forward at a time (``jsonb → dual_write → shadow_read → table → contracted``);
+  a skip is refused without ``force``;
+* ``shadow_read`` needs ``imgmig.backfill_state.status = 'done'`` and a clean latest verify;
+* ``table`` needs a clean latest verify and a shadow period (``imgmig.shadow_stats``, reset
+  when the tenant enters ``shadow_read``) with reads and zero mismatches;
+* ``contracted`` needs a clean latest verify;
+* going back to ``dual_write``, ``shadow_read`` or ``table`` is always allowed: JSONB holds
+  every image in those stages (capture, or the reverse trigger in ``table``);
+* going back to ``jsonb`` needs ``force``: the table stops following JSONB, so the
+  backfill and verify have to run again before the next step forward;
+* leaving ``contracted`` is refused while the JSONB column is gone (the restoring Alembic
+  downgrade brings it back), and needs ``force`` once it is there again.
+
+``force`` overrides a guard, never a missing column, and is audited (``forced = true``,
+with the overridden guards appended to the reason).
+"""
+
+from __future__ import annotations
+
+import getpass
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from psycopg import sql
+
+from cdc import stage as stage_mod
+from cdc.db import Conn
+from cdc.errors import GuardRefusedError, ReasonRequiredError, StageRefusedError
+from cdc.stage import Stage
+from cdc.tenants import CONTROL_SCHEMA
+
+log = structlog.get_logger(__name__)
+
+#: Where the kill switch sends each stage: the safest stage that still has all the data.
+KILL_TARGET: dict[Stage, Stage] = {
+    Stage.TABLE: Stage.DUAL_WRITE,
+    Stage.SHADOW_READ: Stage.DUAL_WRITE,
+}
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One audited stage change (or, for the kill switch, a tenant left where it was)."""
+
+    tenant: str
+    from_stage: Stage
+    to_stage: Stage
+    forced: bool = False
+    overridden: tuple[str, ...] = ()
+    note: str = ""
+
+
+def _one(conn: Conn, query: sql.Composed, params: tuple[object, ...]) -> tuple[object, ...] | None:
+    row: tuple[object, ...] | None = conn.execute(query, params).fetchone()
+    return row
+
+
+def _table(name: str) -> sql.Identifier:
+    return sql.Identifier(CONTROL_SCHEMA, name)
+
+
+def backfill_done(conn: Conn, tenant: str) -> bool:
+    """Whether the tenant's backfill has finished."""
+    query = sql.SQL("SELECT status FROM {} WHERE tenant = %s").format(_table("backfill_state"))
+    row = _one(conn, query, (tenant,))
+    return row is not None and row[0] == "done"
+
+
+def verify_problem(conn: Conn, tenant: str) -> str | None:
+    """Why the tenant's latest verify or reconcile run is not clean, or None if it is."""
+    query = sql.SQL(
+        "SELECT id, finished_at IS NOT NULL, drift_total FROM {} "
+        "WHERE tenant = %s ORDER BY id DESC LIMIT 1"
+    ).format(_table("verify_runs"))
+    row = _one(conn, query, (tenant,))
+    if row is None:
+        return "no verify run recorded"
+    if not row[1]:
+        return f"the latest verify run (id {row[0]}) has not finished"
+    if row[2] != 0:
+        return f"the latest verify run (id {row[0]}) found {row[2]} drifted products"
+    return None
+
+
+def shadow_problem(conn: Conn, tenant: str) -> str | None:
+    """Why the shadow period since the last stage change does not allow ``table``."""
+    query = sql.SQL(
+        "SELECT s.reads, s.mismatches, s.since >= t.stage_changed_at FROM {t} t "
+        "LEFT JOIN {s} s ON s.tenant = t.tenant WHERE t.tenant = %s"
+    ).format(t=_table("tenant_state"), s=_table("shadow_stats"))
+    row = _one(conn, query, (tenant,))
+    if row is None or row[0] is None or not row[2]:
+        return "no shadow reads recorded since entering shadow_read"
+    if row[1] != 0:
+        return f"{row[1]} shadow mismatches since entering shadow_read"
+    if row[0] == 0:
+        return "no shadow reads recorded since entering shadow_read"
+    return None
+
+
+def jsonb_column_exists(conn: Conn, tenant: str) -> bool:
+    """Whether ``tenant.products.images`` exists (the contract migration drops it)."""
+    row = conn.execute(
+        "SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
+        "AND c.relname = 'products' AND a.attname = 'images' AND NOT a.attisdropped",
+        (tenant,),
+    ).fetchone()
+    return row is not None
+
+
+def guard_failures(conn: Conn, tenant: str, current: Stage, target: Stage) -> list[str]:
+    """Every guard the move ``current -> target`` fails, in plain words (empty: allowed).
+
+    Raises for a move that ``force`` cannot make safe (leaving ``contracted`` without
+    the JSONB column).
+    """
+    if current is Stage.CONTRACTED and target is not current:
+        if not jsonb_column_exists(conn, tenant):
+            raise StageRefusedError(
+                tenant=tenant,
+                stage=current.value,
+                action=f"move back to {target.value}",
+                why="the JSONB column is gone; run the restoring Alembic downgrade first",
+            )
+        return ["leaving contracted rewires readers to a JSONB column restored by hand"]
+    if target.rank < current.rank:
+        if target is Stage.JSONB:
+            return ["going back to jsonb stops the table following JSONB (re-backfill needed)"]
+        return []
+    if target.rank > current.rank + 1:
+        skipped = [s.value for s in Stage if current.rank < s.rank < target.rank]
+        return [f"skips {', '.join(skipped)}"]
+    return _forward_guards(conn, tenant, target)
+
+
+def _forward_guards(conn: Conn, tenant: str, target: Stage) -> list[str]:
+    failures: list[str] = []
+    if target is Stage.SHADOW_READ and not backfill_done(conn, tenant):
+        failures.append("the backfill has not completed")
+    if target in (Stage.SHADOW_READ, Stage.TABLE, Stage.CONTRACTED):
+        problem = verify_problem(conn, tenant)
+        if problem:
+            failures.append(problem)
+    if target is Stage.TABLE:
+        problem = shadow_problem(conn, tenant)
+        if problem:
+            failures.append(problem)
+    return failures
+
+
+def change_stage(
+    conn: Conn,
+    tenant: str,
+    target: Stage | str,
+    *,
+    reason: str,
+    actor: str | None = None,
+    force: bool = False,
+) -> Transition:
+    """Move one tenant to ``target`` if the guards allow it (or ``force``), in ``conn``'s
+    transaction. Steps: 1. lock the tenant's state row; 2. check the guards; 3. set the
+    stage, audit it and install the triggers; 4. on entering shadow_read, reset the
+    shadow counters so the ``table`` guard only counts this shadow period."""
+    wanted = Stage.parse(str(target))
+    if not reason.strip():
+        raise ReasonRequiredError(action=f"flag set {wanted.value}")
+    current = _lock_current(conn, tenant)
+    failures = guard_failures(conn, tenant, current, wanted)
+    if failures and not force:
+        raise GuardRefusedError(
+            tenant=tenant, current=current.value, target=wanted.value, reasons=tuple(failures)
+        )
+    audited = f"{reason} [forced past: {'; '.join(failures)}]" if failures else reason
+    stage_mod.set_stage(
+        conn, tenant, wanted, reason=audited, actor=actor or getpass.getuser(), force=force
+    )
+    if wanted is Stage.SHADOW_READ and current is not Stage.SHADOW_READ:
+        _reset_shadow(conn, tenant)
+    log.info(
+        "stage changed", tenant=tenant, from_stage=current.value, to_stage=wanted.value,
+        forced=force, overridden=failures,
+    )  # fmt: skip
+    return Transition(tenant, current, wanted, forced=force, overridden=tuple(failures))
+
+
+def change_stages(
+    conn: Conn,
+    tenants: list[str],
+    target: Stage | str,
+    *,
+    reason: str,
+    actor: str | None = None,
+    force: bool = False,
+) -> list[Transition]:
+    """``change_stage`` for several tenants, all or nothing (one transaction)."""
+    with conn.transaction():
+        return [
+            change_stage(conn, t, target, reason=reason, actor=actor, force=force) for t in tenants
+        ]
+
+
+def kill_switch(conn: Conn, *, reason: str, actor: str | None = None) -> list[Transition]:
+    """Send every tenant back to the safest stage that still has all the data.
+
+    ``table`` and ``shadow_read`` go to ``dual_write`` (JSONB is the truth again, capture
+    keeps the table current); ``jsonb`` and ``dual_write`` stay; ``contracted`` stays and
+    says why. One transaction: every tenant moves, or none does.
+    """
+    if not reason.strip():
+        raise ReasonRequiredError(action="flag kill-switch")
+    results: list[Transition] = []
+    with conn.transaction():
+        for state in stage_mod.get_all(conn):
+            target = KILL_TARGET.get(state.stage)
+            if target is None:
+                results.append(_stays(state.tenant, state.stage))
+                continue
+            why = f"kill switch: {reason}"
+            results.append(change_stage(conn, state.tenant, target, reason=why, actor=actor))
+    log.warning("kill switch", moved=[r.tenant for r in results if r.from_stage != r.to_stage])
+    return results
+
+
+def _stays(tenant: str, stage: Stage) -> Transition:
+    note = "already safe"
+    if stage is Stage.CONTRACTED:
+        note = "stays contracted: the JSONB column is gone; roll back with the Alembic downgrade"
+    return Transition(tenant, stage, stage, note=note)
+
+
+def _lock_current(conn: Conn, tenant: str) -> Stage:
+    query = sql.SQL("SELECT stage FROM {} WHERE tenant = %s FOR UPDATE").format(
+        _table("tenant_state")
+    )
+    row = _one(conn, query, (tenant,))
+    if row is None:
+        return stage_mod.get(conn, tenant).stage  # raises NotMigratedError
+    return Stage(str(row[0]))
+
+
+def _reset_shadow(conn: Conn, tenant: str) -> None:
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} AS s (tenant, reads, mismatches, since) VALUES (%s, 0, 0, now()) "
+            "ON CONFLICT (tenant) DO UPDATE SET reads = 0, mismatches = 0, since = now()"
+        ).format(_table("shadow_stats")),
+        (tenant,),
+    )
+
+
+class StageCache:
+    """Stage per tenant, cached for at most ``ttl`` seconds (≤ 1 s), thread-safe.
+
+    Readers go through it, so a flag change reaches every service within ``ttl`` without
+    a restart. Writers do not: they read the stage under a row lock in their own
+    transaction (``FOR KEY SHARE``), which ``set_stage``'s ``FOR UPDATE`` waits for, so a
+    write never lands on the wrong side of a stage change.
+    """
+
+    def __init__(self, ttl: float = 1.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0.0 <= ttl <= 1.0:
+            raise ValueError("the stage cache TTL must be between 0 and 1 second")
+        self.ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[float, Stage]] = {}
+
+    def get(self, tenant: str, load: Callable[[], Stage]) -> Stage:
+        """The cached stage, or ``load()`` when the entry is missing or older than ttl."""
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(tenant)
+        if entry is not None and now - entry[0] < self.ttl:
+            return entry[1]
+        stage = load()
+        with self._lock:
+            self._entries[tenant] = (now, stage)
+        return stage
+
+    def invalidate(self, tenant: str | None = None) -> None:
+        """Forget one tenant's entry, or all of them."""
+        with self._lock:
+            if tenant is None:
+                self._entries.clear()
+            else:
+                self._entries.pop(tenant, None)

@@ -1,0 +1,205 @@
+"""``ProductImageService``: product images for the application, in every stage.
+
+It takes a ``Session`` bound to the tenant (``services.db.tenant_session``) and never
+commits: the caller owns the transaction, so a rejected call writes nothing.
+
+* Reads follow the stage flag through a TTL cache (≤ 1 s): JSONB in ``jsonb``,
+  ``dual_write`` and ``shadow_read`` (plus the shadow comparison in ``shadow_read``), the
+  table from ``table`` on.
+* Writes read the stage under ``FOR KEY SHARE`` on the tenant's state row, which a stage
+  change (``FOR UPDATE``) waits for; then they lock the product row, so concurrent edits
+  of one product serialise; then they write the stage's truth and let the trigger sync
+  the other side (capture JSONB → table; reverse table → JSONB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from cdc.errors import (
+    ImageNotFoundError,
+    LabelConflictError,
+    NotAPermutationError,
+    NotMigratedError,
+    PhotoLimitError,
+    ProductNotFoundError,
+)
+from cdc.stage import Stage
+from services import shadow
+from services.image_types import ImageView, ServiceSettings, product_of_fallback
+from services.image_types import validate_new_image as validate
+from services.stores import JsonbStore, Store, TableStore, image_product, now_utc
+
+_STAGE = text("SELECT stage FROM imgmig.tenant_state WHERE tenant = :tenant")
+_STAGE_LOCKED = text("SELECT stage FROM imgmig.tenant_state WHERE tenant = :tenant FOR KEY SHARE")
+_SOURCE = text("SELECT set_config('imgmig.source', 'service', true)")
+TABLE_STAGES = (Stage.TABLE, Stage.CONTRACTED)
+
+Change = Callable[[list[ImageView]], list[ImageView]]
+
+
+class ProductImageService:
+    """Add, delete, reorder and label a product's images; read photos and the label."""
+
+    def __init__(self, session: Session, tenant: str, *, settings: ServiceSettings) -> None:
+        self.session = session
+        self.tenant = tenant
+        self.settings = settings
+
+    # -- reads ---------------------------------------------------------------------
+
+    def list_images(self, product_id: int) -> list[ImageView]:
+        """Every image of the product, label included, in order."""
+        stage = self.stage()
+        views = self._store(stage).load(product_id)
+        if stage is Stage.SHADOW_READ:
+            self._shadow(product_id, views)
+        return views
+
+    def get_product_photos(self, product_id: int) -> list[ImageView]:
+        """The product's photos in order: every image except the label."""
+        return [v for v in self.list_images(product_id) if not v.is_label]
+
+    def get_label_image(self, product_id: int) -> ImageView | None:
+        """The product's label image, if it has one."""
+        return next((v for v in self.list_images(product_id) if v.is_label), None)
+
+    def find_image(self, image_id: int) -> ImageView:
+        """One image by id."""
+        product_id = self._product_of(image_id)
+        return self._pick(self.list_images(product_id), image_id, product_id)
+
+    def stage(self) -> Stage:
+        """The tenant's stage, through the cache when the settings carry one."""
+        cache = self.settings.stage_cache
+        return cache.get(self.tenant, self._load_stage) if cache else self._load_stage()
+
+    # -- writes --------------------------------------------------------------------
+
+    def add_image(self, product_id: int, image_data: Mapping[str, object]) -> ImageView:
+        """Append a validated image; it becomes the label if ``is_label`` says so."""
+        new = validate(image_data, self.settings)
+        view = ImageView(
+            id=0, product_id=product_id, url=new.url, order=0, is_label=new.is_label,
+            alt_text=new.alt_text, tags=new.tags, mime_type=new.mime_type,
+            file_size=new.file_size, width=new.width, height=new.height, created_at=now_utc(),
+        )  # fmt: skip
+
+        def change(before: list[ImageView]) -> list[ImageView]:
+            if new.is_label:
+                self._no_other_label(product_id, before, None)
+            elif sum(not v.is_label for v in before) >= self.settings.max_photos:
+                raise PhotoLimitError(self.tenant, product_id, self.settings.max_photos)
+            return [*before, view]
+
+        after, index = self._write(product_id, change, lambda out: len(out) - 1)
+        return after[index]
+
+    def delete_image(self, image_id: int) -> None:
+        """Remove one image; the others are renumbered 0..n-1 in their order."""
+
+        def change(before: list[ImageView], image: ImageView) -> list[ImageView]:
+            return [v for v in before if v.id != image.id]
+
+        self._write_image(image_id, change)
+
+    def reorder_images(self, product_id: int, new_order: Sequence[int]) -> list[ImageView]:
+        """Put the images in ``new_order`` (image ids, each exactly once)."""
+
+        def change(before: list[ImageView]) -> list[ImageView]:
+            ids = [v.id for v in before]
+            if sorted(ids) != sorted(new_order) or len(set(new_order)) != len(new_order):
+                raise NotAPermutationError(product_id, tuple(ids), tuple(new_order))
+            by_id = {v.id: v for v in before}
+            return [by_id[i] for i in new_order]
+
+        return self._write(product_id, change)[0]
+
+    def set_label_flag(self, image_id: int, is_label: bool) -> ImageView:
+        """Mark or unmark one image as the label; a product has at most one label."""
+
+        def change(before: list[ImageView], image: ImageView) -> list[ImageView]:
+            if is_label:
+                self._no_other_label(image.product_id, before, image.id)
+            return [replace(v, is_label=is_label) if v.id == image.id else v for v in before]
+
+        after, index = self._write_image(image_id, change)
+        return after[index]
+
+    # -- internals -----------------------------------------------------------------
+
+    def _write(
+        self, product_id: int, change: Change, index: Callable[[list[ImageView]], int] = len
+    ) -> tuple[list[ImageView], int]:
+        """Steps: 1. the stage, locked against a stage change; 2. the product, locked
+        against other edits; 3. the new list from ``change`` (which raises on bad input,
+        before anything is written); 4. save it; 5. reload (ids capture just assigned).
+        Returns the reloaded list and ``index(new list)``: saves keep list positions."""
+        stage = self._load_stage(lock=True)
+        self.session.execute(_SOURCE)
+        store = self._store(stage)
+        before = store.load(product_id, lock=True)
+        after = change(before)
+        store.save(product_id, before, after)
+        return store.load(product_id), index(after)
+
+    def _write_image(
+        self, image_id: int, change: Callable[[list[ImageView], ImageView], list[ImageView]]
+    ) -> tuple[list[ImageView], int]:
+        """``_write`` for an edit of one image: the position of that image is returned."""
+        product_id = self._product_of(image_id)
+        position: list[int] = []
+
+        def locate(before: list[ImageView]) -> list[ImageView]:
+            image = self._pick(before, image_id, product_id)
+            after = change(before, image)
+            position.append(next((i for i, v in enumerate(after) if v.id == image.id), -1))
+            return after
+
+        try:
+            after, _ = self._write(product_id, locate)
+        except ProductNotFoundError:  # a fallback id naming a product that is not there
+            raise ImageNotFoundError(tenant=self.tenant, image_id=image_id) from None
+        return after, position[0]
+
+    def _load_stage(self, *, lock: bool = False) -> Stage:
+        query = _STAGE_LOCKED if lock else _STAGE
+        stage = self.session.execute(query, {"tenant": self.tenant}).scalar_one_or_none()
+        if stage is None:
+            raise NotMigratedError(tenant=self.tenant)
+        return Stage(stage)
+
+    def _store(self, stage: Stage) -> Store:
+        if stage in TABLE_STAGES:
+            return TableStore(self.session, self.tenant)
+        return JsonbStore(self.session, self.tenant)
+
+    def _shadow(self, product_id: int, served: list[ImageView]) -> None:
+        """Compare with the table in a savepoint: a failing shadow read never fails the
+        served one."""
+        with self.session.begin_nested():
+            rows = TableStore(self.session, self.tenant).rows(product_id)
+            shadow.record(self.session, self.tenant, product_id, shadow.compare(served, rows))
+
+    def _product_of(self, image_id: int) -> int:
+        found = product_of_fallback(image_id) if image_id < 0 else None
+        if image_id > 0:
+            found = image_product(self.session, image_id)
+        if not found:
+            raise ImageNotFoundError(tenant=self.tenant, image_id=image_id)
+        return found
+
+    def _pick(self, views: list[ImageView], image_id: int, product_id: int) -> ImageView:
+        for view in views:
+            if view.id == image_id:
+                return view
+        raise ImageNotFoundError(tenant=self.tenant, image_id=image_id, product_id=product_id)
+
+    def _no_other_label(self, product_id: int, views: list[ImageView], keep: int | None) -> None:
+        for view in views:
+            if view.is_label and view.id != keep:
+                raise LabelConflictError(self.tenant, product_id, view.id)
