@@ -84,8 +84,8 @@ def seed(
 
 
 @migrate_app.command("upgrade")
-def migrate_upgrade(tenant: TenantOpt = None, revision: str = "head") -> None:
-    """alembic upgrade, per tenant."""
+def migrate_upgrade(tenant: TenantOpt = None, revision: str = migrate_mod.EXPAND) -> None:
+    """alembic upgrade, per tenant (to `expand` unless told otherwise)."""
     migrate_mod.upgrade(url(), tenants=tenant, revision=revision)
 
 

@@ -330,3 +330,15 @@ class TenantForbiddenError(ImgmigError):
 
     def message(self) -> str:
         return f"this API key is not valid for tenant {self.tenant!r}"
+
+
+@dataclass(eq=False)
+class ContractRefusedError(ImgmigError):
+    """The contract (or an archive restore) is not safe for this tenant yet."""
+
+    tenant: str
+    reasons: tuple[str, ...]
+    exit_code: int = 7
+
+    def message(self) -> str:
+        return f"refusing to contract tenant {self.tenant!r}: " + "; ".join(self.reasons)

@@ -75,6 +75,17 @@ def wanted_tenants(cfg: Config) -> list[str] | None:
     return list(tenants) if tenants is not None else None
 
 
+def x_option(name: str, default: str) -> str:
+    """A ``-x name=value`` option (or ``attributes[name]``) for the running revision."""
+    cfg = op.get_context().config
+    if cfg is None:
+        return default
+    given = cfg.attributes.get(name)
+    if given is not None:
+        return str(given)
+    return _x_args(cfg).get(name, default)
+
+
 def _x_args(cfg: Config) -> dict[str, str]:
     if cfg.cmd_opts is None or not getattr(cfg.cmd_opts, "x", None):
         return {}
@@ -82,15 +93,25 @@ def _x_args(cfg: Config) -> dict[str, str]:
     return dict(pairs)
 
 
+EXPAND = "expand"
+CONTRACT = "contract"
+
+
 def upgrade(
     url: str,
     *,
     tenants: Sequence[str] | None = None,
-    revision: str = "head",
+    revision: str = EXPAND,
     policy: LockPolicy | None = None,
+    options: dict[str, str] | None = None,
 ) -> None:
-    """``alembic upgrade`` on every tenant (or the given ones)."""
-    command.upgrade(alembic_config(url, tenants, policy=policy), revision)
+    """``alembic upgrade`` on every tenant (or the given ones); to ``expand`` by default.
+
+    ``options`` are what ``-x name=value`` gives on the command line.
+    """
+    cfg = alembic_config(url, tenants, policy=policy)
+    cfg.attributes.update(options or {})
+    command.upgrade(cfg, revision)
 
 
 def downgrade(
@@ -99,9 +120,12 @@ def downgrade(
     *,
     tenants: Sequence[str] | None = None,
     policy: LockPolicy | None = None,
+    options: dict[str, str] | None = None,
 ) -> None:
     """``alembic downgrade`` on every tenant (or the given ones)."""
-    command.downgrade(alembic_config(url, tenants, policy=policy), revision)
+    cfg = alembic_config(url, tenants, policy=policy)
+    cfg.attributes.update(options or {})
+    command.downgrade(cfg, revision)
 
 
 def current_tenant() -> str:

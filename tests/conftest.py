@@ -67,7 +67,7 @@ def seeded_template(pg: server.Server) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def migrated_template(pg: server.Server, seeded_template: str) -> Iterator[str]:
-    """Name of a template database holding the SMALL seed, upgraded to Alembic head."""
+    """Name of a template database holding the SMALL seed, upgraded to `expand`."""
     name = _unique("tpl_migrated")
     url = _create_db(pg.url, name, template=seeded_template)
     migrate.upgrade(url)
@@ -96,7 +96,7 @@ def seeded_url(pg: server.Server, seeded_template: str) -> Iterator[str]:
 
 @pytest.fixture
 def migrated_url(pg: server.Server, migrated_template: str) -> Iterator[str]:
-    """A fresh database with the SMALL seed, upgraded to Alembic head (stage jsonb)."""
+    """A fresh database with the SMALL seed, upgraded to `expand` (stage jsonb)."""
     yield from _fresh(pg, "t_migrated", migrated_template)
 
 

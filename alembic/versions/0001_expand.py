@@ -98,6 +98,15 @@ _CONTROL_DDL = (
         mismatches bigint NOT NULL DEFAULT 0,
         since timestamptz NOT NULL DEFAULT now()
     )""",
+    # Each service instance reports, per tenant, which stage it is serving from; the
+    # contract refuses while a recent heartbeat still reads JSONB.
+    """CREATE TABLE IF NOT EXISTS {control}.reader_heartbeats (
+        instance text NOT NULL,
+        tenant text NOT NULL,
+        stage text NOT NULL,
+        seen_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (instance, tenant)
+    )""",
     """CREATE TABLE IF NOT EXISTS {control}.shadow_mismatches (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         tenant text NOT NULL,
