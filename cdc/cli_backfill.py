@@ -12,15 +12,20 @@ Exit codes (also in each run's final JSON log line):
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 from typing import Annotated, Optional
 
+import psycopg
 import structlog
 import typer
 
 from cdc import backfill as backfill_mod
+from cdc import metrics, runs
 from cdc import progress as progress_mod
+from cdc import reconcile as reconcile_mod
 from cdc.cli_common import out, url
-from cdc.errors import NoTenantChosenError
+from cdc.errors import ImgmigError, NoTenantChosenError
 from cdc.labels import known as known_strategies
 from cdc.pacing import BatchSizer
 
@@ -112,3 +117,62 @@ def backfill_resume() -> None:
 def register(app: typer.Typer) -> None:
     """Add this area's commands to ``app``."""
     app.add_typer(backfill_app, name="backfill")
+    app.command()(verify)
+    app.command()(reconcile)
+
+
+def _cron_run(
+    mode: str, wanted: list[str] | None, *, repair: bool, metrics_file: Path | None
+) -> None:
+    """Run verify or reconcile; end with one log line and the exit code it names."""
+    started = time.monotonic()
+    outcomes: list[reconcile_mod.Outcome] = []
+    error: ImgmigError | psycopg.Error | None = None
+    try:
+        outcomes = reconcile_mod.run(url(), wanted, mode=mode, do_repair=repair)
+        code = reconcile_mod.overall_exit_code(outcomes)
+    except ImgmigError as exc:
+        error, code = exc, exc.exit_code
+    except psycopg.Error as exc:
+        error, code = exc, runs.ERROR
+    duration = time.monotonic() - started
+    if metrics_file is not None:
+        metrics.write(metrics_file, outcomes, mode=mode, exit_code=code, duration_s=duration)
+    log.info(
+        f"{mode} finished",
+        exit_code=code,
+        tenants=len(outcomes),
+        drift_total=sum(o.report.drift_total for o in outcomes),
+        repaired=sum(o.repaired for o in outcomes),
+        left_over=sum(o.left_over for o in outcomes),
+        error=None if error is None else str(error).strip(),
+        duration_s=round(duration, 3),
+    )
+    if isinstance(error, ImgmigError):
+        raise error
+    if error is not None:
+        print(f"imgmig: error: {str(error).strip()}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+MetricsOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(help="Write Prometheus textfile metrics here (atomically)."),
+]
+
+
+def verify(tenant: TenantOpt = None, all_: AllOpt = False, metrics_file: MetricsOpt = None) -> None:
+    """Read-only: compare both sides per product. Exit 0 only with zero drift (2: drift)."""
+    _cron_run("verify", chosen(tenant, all_, "verify"), repair=False, metrics_file=metrics_file)
+
+
+def reconcile(
+    tenant: TenantOpt = None,
+    all_: AllOpt = False,
+    repair: Annotated[bool, typer.Option(help="Repair drift from the source of truth.")] = True,
+    metrics_file: MetricsOpt = None,
+) -> None:
+    """The cron entry point: verify, repair, record. Exit 0 clean, 1 repaired, 2 left, 3 error,
+    75 another run holds a tenant."""
+    wanted = chosen(tenant, all_, "reconcile")
+    _cron_run("reconcile", wanted, repair=repair, metrics_file=metrics_file)

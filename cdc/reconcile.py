@@ -1,0 +1,180 @@
+"""Reconcile: verify, then repair drifted products from the stage's source of truth.
+
+Per tenant, holding the tenant's run lock (``cdc.locks``; a second run exits at once):
+
+1. record a run in ``imgmig.verify_runs``;
+2. verify every product (``cdc.verify.check``);
+3. repair the drifted products in chunks, each chunk one transaction with the products
+   locked ``FOR NO KEY UPDATE`` (live writers wait for one chunk, never lose a write):
+
+   * JSONB is the truth (``dual_write``, ``shadow_read``): clear the table-only values
+     of those rows (keeping heuristic labels), then ``imgmig.snapshot`` re-projects the
+     current JSONB through the canonical mapping, logging a ``reconcile`` event each;
+   * the table is the truth (``table``): rewrite ``products.images`` from the rows with
+     ``imgmig.rows_images``, as the reverse trigger would (the capture trigger logs it
+     as a ``reconcile`` event and does not project it back);
+4. verify the repaired products again: what still differs is ``left_over``;
+5. finish the run row with its exit code: 0 clean, 1 repaired, 2 drift left, 3 error.
+
+``verify`` is the same pass without the lock and without step 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import psycopg
+import structlog
+from psycopg import sql
+
+from cdc import locks, runs
+from cdc import stage as stage_mod
+from cdc import verify as verify_mod
+from cdc.db import Conn, connect
+from cdc.errors import ImgmigError, StageRefusedError
+from cdc.stage import Stage
+from cdc.tenants import resolve
+
+log = structlog.get_logger(__name__)
+
+APP_NAME: Final = "imgmig-reconcile"
+CHUNK: Final = 500
+
+
+@dataclass(frozen=True)
+class Outcome:
+    report: verify_mod.Report
+    repaired: int
+    left_over: int
+    exit_code: int
+    error: str | None = None
+
+
+_LOCK: Final = sql.SQL("SELECT id FROM {} WHERE id = ANY (%s) ORDER BY id FOR NO KEY UPDATE")
+
+# Table-only values go; heuristic labels stay (the element does not speak for them).
+_CLEAR: Final = sql.SQL(
+    """UPDATE {} SET alt_text = NULL, tags = '{{}}', mime_type = NULL, file_size = NULL,
+              width = NULL, height = NULL,
+              is_label = is_label AND label_strategy IS NOT NULL
+                         AND label_strategy <> 'explicit'
+        WHERE product_id = ANY (%s)"""
+)
+
+_FROM_ROWS: Final = sql.SQL(
+    """UPDATE {} p SET images = r.images
+         FROM imgmig.rows_images(%(tenant)s, %(ids)s) r
+        WHERE p.id = r.product_id AND p.images IS DISTINCT FROM r.images"""
+)
+
+
+def check_stage(tenant: str, stage: Stage, *, repair: bool) -> None:
+    if stage is Stage.CONTRACTED:
+        why = "the JSONB column is gone; there is nothing to compare"
+    elif repair and stage is Stage.JSONB:
+        why = "no change capture yet; move it to dual_write and run imgmig backfill first"
+    else:
+        return
+    action = "reconcile" if repair else "verify"
+    raise StageRefusedError(tenant=tenant, stage=stage.value, action=action, why=why)
+
+
+def repair(conn: Conn, tenant: str, stage: Stage, ids: Sequence[int]) -> None:
+    """Make products ``ids`` equal on both sides again, from the stage's source of truth."""
+    for start in range(0, len(ids), CHUNK):
+        chunk = list(ids[start : start + CHUNK])
+        with conn.transaction():
+            conn.execute(_LOCK.format(sql.Identifier(tenant, "products")), (chunk,))
+            if verify_mod.jsonb_is_truth(stage):
+                conn.execute(_CLEAR.format(sql.Identifier(tenant, "product_images")), (chunk,))
+                conn.execute("SELECT imgmig.snapshot(%s, %s, 'reconcile')", (tenant, chunk))
+            else:
+                conn.execute(
+                    "SELECT set_config('imgmig.source', 'reconcile', true), "
+                    "set_config('imgmig.syncing', 'reverse', true)"
+                )
+                conn.execute(
+                    _FROM_ROWS.format(sql.Identifier(tenant, "products")),
+                    {"tenant": tenant, "ids": chunk},
+                )
+
+
+def run_tenant(conn: Conn, tenant: str, *, mode: str, do_repair: bool) -> Outcome:
+    """One verify or reconcile pass over one tenant, recorded in ``imgmig.verify_runs``."""
+    stage = stage_mod.get(conn, tenant).stage
+    run_id = runs.start(conn, tenant, mode, stage.value)
+    bound = log.bind(tenant=tenant, stage=stage.value, mode=mode)
+    try:
+        report = verify_mod.check(conn, tenant, stage)
+        repaired = left_over = 0
+        if do_repair and report.drifted:
+            repair(conn, tenant, stage, report.drifted)
+            left_over = verify_mod.check_ids(conn, tenant, stage, report.drifted).drift_total
+            repaired = report.drift_total - left_over
+        else:
+            left_over = report.drift_total
+        code = runs.finish(conn, run_id, report, repaired=repaired, left_over=left_over)
+    except psycopg.Error as exc:
+        bound.error(f"{mode} failed", error=str(exc).strip())
+        _record_failure(conn, run_id)
+        return Outcome(verify_mod.Report(tenant, stage), 0, 0, runs.ERROR, str(exc).strip())
+    bound.info(
+        f"{mode} tenant done",
+        products_checked=report.products_checked,
+        drift=report.drift,
+        drift_total=report.drift_total,
+        repaired=repaired,
+        left_over=left_over,
+        exit_code=code,
+    )
+    return Outcome(report, repaired, left_over, code)
+
+
+def _record_failure(conn: Conn, run_id: int) -> None:
+    try:
+        runs.fail(conn, run_id)
+    except psycopg.Error:
+        log.warning("could not record the failed run", run_id=run_id)
+
+
+def run(
+    url: str, tenants: Sequence[str] | None, *, mode: str = "reconcile", do_repair: bool = True
+) -> list[Outcome]:
+    """Verify or reconcile ``tenants``; ``None`` means every tenant it applies to.
+
+    ``mode`` "verify" is read-only and takes no lock; "reconcile" takes every tenant's
+    run lock first (or exits at once) and repairs unless ``do_repair`` is false.
+    """
+    do_repair = do_repair and mode == "reconcile"
+    with connect(url, autocommit=True, application_name=APP_NAME) as conn:
+        names = _eligible(conn, tenants, do_repair=do_repair)
+        if mode == "reconcile":
+            locks.lock_all(conn, names, mode)
+        return [run_tenant(conn, t, mode=mode, do_repair=do_repair) for t in names]
+
+
+def _eligible(conn: Conn, tenants: Sequence[str] | None, *, do_repair: bool) -> list[str]:
+    names = resolve(conn, tenants)
+    chosen = []
+    for state in stage_mod.get_all(conn, names):
+        if tenants is None and state.stage is Stage.JSONB:
+            log.info("tenant skipped: no capture yet", tenant=state.tenant)
+            continue
+        try:
+            check_stage(state.tenant, state.stage, repair=do_repair)
+            chosen.append(state.tenant)
+        except ImgmigError as exc:
+            if tenants is not None:
+                raise
+            log.warning("tenant skipped", tenant=state.tenant, reason=str(exc))
+    if tenants is not None and len(chosen) < len(names):
+        missing = sorted(set(names) - set(chosen))
+        stage_mod.get(conn, missing[0])  # raises NotMigratedError
+    return chosen
+
+
+def overall_exit_code(outcomes: Sequence[Outcome]) -> int:
+    """The worst tenant decides: 3 error > 2 drift left > 1 repaired > 0 clean."""
+    return max((o.exit_code for o in outcomes), default=runs.CLEAN)
