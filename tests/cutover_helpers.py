@@ -81,8 +81,9 @@ def mark_true_labels(conn: PG, tenant: str) -> int:
     cur = conn.execute(
         _q(
             "UPDATE {images} i SET is_label = true FROM seed_truth.labels t "
-            "WHERE t.tenant = %s AND t.product_id = i.product_id "
-            "AND t.url = i.url AND i.is_label = false",
+            "WHERE t.tenant = %s AND t.product_id = i.product_id AND i.id = ("
+            "  SELECT j.id FROM {images} j WHERE j.product_id = t.product_id "
+            '  AND j.url = t.url ORDER BY j."order" DESC LIMIT 1)',  # the last one: the label
             tenant,
         ),
         (tenant,),
