@@ -1,4 +1,4 @@
-"""CLI verbs for the cutover: ``flag get|set|kill-switch``, ``api-key create``.
+"""CLI verbs for the cutover: ``flag get|set|kill-switch``, ``serve``, ``api-key create``.
 
 Mounted on the main app by cdc.cli. One thin function per verb, each calling the library.
 """
@@ -94,7 +94,20 @@ def api_key_create(
     out.print(key, highlight=False, soft_wrap=True)
 
 
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Serve the product-images HTTP API (OpenAPI at /docs) with uvicorn."""
+    import uvicorn
+
+    from services.api import create_app
+
+    uvicorn.run(create_app(url()), host=host, port=port, log_config=None)
+
+
 def register(app: typer.Typer) -> None:
     """Add this area's commands to ``app``."""
     app.add_typer(flag_app, name="flag")
     app.add_typer(key_app, name="api-key")
+    app.command("serve")(serve)
