@@ -144,10 +144,10 @@ def _n(value: int | None) -> str:
 
 
 def _mount_areas() -> None:
-    """Each area (capture, backfill, cutover) owns its verbs in its own module."""
-    from cdc import cli_backfill, cli_capture, cli_cutover
+    """Each area (capture, backfill, cutover, deploy) owns its verbs in its own module."""
+    from cdc import cli_backfill, cli_capture, cli_cutover, cli_deploy
 
-    for area in (cli_capture, cli_backfill, cli_cutover):
+    for area in (cli_capture, cli_backfill, cli_cutover, cli_deploy):
         area.register(app)
 
 

@@ -27,6 +27,7 @@ from datetime import timedelta
 import structlog
 from psycopg import sql
 
+from cdc import cutover
 from cdc import stage as stage_mod
 from cdc.db import Conn
 from cdc.ddl import DEFAULT_POLICY, LockPolicy, run_ddl
@@ -66,16 +67,9 @@ def readiness(conn: Conn, tenant: str, min_table_age: timedelta) -> list[str]:
     age = conn.execute("SELECT now() - %s", (state.stage_changed_at,)).fetchone()
     if age is not None and age[0] < min_table_age:
         reasons.append(f"in stage table for {age[0]}, less than {min_table_age}")
-    last = conn.execute(
-        sql.SQL(
-            "SELECT drift_total, finished_at FROM {} WHERE tenant = %s ORDER BY id DESC LIMIT 1"
-        ).format(sql.Identifier(CONTROL_SCHEMA, "verify_runs")),
-        (tenant,),
-    ).fetchone()
-    if last is None:
-        reasons.append("no verify has run")
-    elif last[1] is None or last[0] != 0:
-        reasons.append("the last verify was not clean (run `imgmig verify` or `reconcile`)")
+    problem = cutover.verify_problem(conn, tenant)
+    if problem:
+        reasons.append(f"{problem} (run `imgmig verify` or `imgmig reconcile`)")
     readers = conn.execute(
         sql.SQL(
             "SELECT instance, stage FROM {} WHERE tenant = %s AND stage = ANY(%s) "

@@ -342,3 +342,19 @@ class ContractRefusedError(ImgmigError):
 
     def message(self) -> str:
         return f"refusing to contract tenant {self.tenant!r}: " + "; ".join(self.reasons)
+
+
+@dataclass(eq=False)
+class DeployStoppedError(ImgmigError):
+    """A deploy step cannot go on now; rerunning `imgmig deploy run` resumes from here."""
+
+    tenant: str
+    step: str
+    why: str
+    exit_code: int = 2
+
+    def message(self) -> str:
+        return (
+            f"deploy stopped at step {self.step!r} for {self.tenant}: {self.why} "
+            "(fix it, then rerun `imgmig deploy run` to resume)"
+        )
