@@ -25,6 +25,9 @@ from cdc.tenants import CONTROL_SCHEMA, TRUTH_SCHEMA, discover
 log = structlog.get_logger(__name__)
 
 TEMPLATE_TENANT = "template_tenant"
+# The simulated restore of the old backup (see _LEGACY); detection may import it.
+LEGACY_SCHEMA = "legacy_backup"
+LEGACY_CUTOFF = "2026-01-03T00:00:00Z"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,7 +101,7 @@ WITH p AS (
                AS n_img,
            ((g::bigint * {stride} + {seed}) % {total}) < {labels} AS has_label,
            timestamptz '2025-01-01 09:00:00+00'
-               + make_interval(mins => (abs(hashtextextended(g || ':t', {seed})) % 525600)::int)
+               + make_interval(mins => (abs(hashtextextended(g || ':t', {seed})) % 655200)::int)
                AS born,
            CASE WHEN (abs(hashtextextended(g || ':m', {seed})) % 100000) < {mess}
                 THEN (abs(hashtextextended(g || ':k', {seed})) % 4)::int END AS mess
@@ -143,6 +146,19 @@ SELECT q.id,
                                {seed})), 16, '0') AS h) AS hh
        ) AS e)
   FROM q
+"""
+
+# The pre-2026-01-03 backup still knew each image's type: importable evidence for label
+# detection, but only for products created before the JSONB migration dropped it.
+_LEGACY: LiteralString = """
+INSERT INTO {legacy} (tenant, product_id, url, image_type)
+SELECT {tenant_lit}, p.id, e.elem ->> 'url',
+       CASE WHEN t.product_id IS NOT NULL AND e.pos = jsonb_array_length(p.images)
+            THEN 'label' ELSE 'photo' END
+  FROM {products} p
+ CROSS JOIN LATERAL jsonb_array_elements(p.images) WITH ORDINALITY AS e(elem, pos)
+  LEFT JOIN {truth} t ON t.tenant = {tenant_lit} AND t.product_id = p.id
+ WHERE p.created_at < {cutoff}
 """
 
 _TRUTH: LiteralString = """
@@ -191,7 +207,7 @@ def seed(
     found = existing(conn)
     if found and not reset:
         raise SeedExistsError(tenants=tuple(found))
-    for schema in [*found, CONTROL_SCHEMA]:
+    for schema in [*found, CONTROL_SCHEMA, LEGACY_SCHEMA]:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
     _create_truth(conn, config)
     names = config.tenant_names()
@@ -217,6 +233,13 @@ def _fill_on_own_connection(url: str, config: SeedConfig, name: str, n: int, off
 
 
 def _create_truth(conn: Conn, config: SeedConfig) -> None:
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(LEGACY_SCHEMA)))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE {} (tenant text NOT NULL, product_id bigint NOT NULL, url text NOT NULL,"
+            " image_type text NOT NULL CHECK (image_type IN ('photo', 'label')))"
+        ).format(sql.Identifier(LEGACY_SCHEMA, "image_types"))
+    )
     conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(TRUTH_SCHEMA)))
     conn.execute(
         sql.SQL(
@@ -246,6 +269,8 @@ def _fill_tenant(conn: Conn, name: str, n: int, offset: int, config: SeedConfig)
     params = {
         "products": sql.Identifier(name, "products"),
         "truth": sql.Identifier(TRUTH_SCHEMA, "labels"),
+        "legacy": sql.Identifier(LEGACY_SCHEMA, "image_types"),
+        "cutoff": sql.Literal(LEGACY_CUTOFF),
         "tenant_lit": sql.Literal(name),
         "tenant_no": sql.Literal(name.removeprefix("user_")),
         "offset": sql.Literal(offset),
@@ -260,6 +285,7 @@ def _fill_tenant(conn: Conn, name: str, n: int, offset: int, config: SeedConfig)
     }
     conn.execute(sql.SQL(_INSERT).format(**params))
     conn.execute(sql.SQL(_TRUTH).format(**params))
+    conn.execute(sql.SQL(_LEGACY).format(**params))
     conn.execute(
         sql.SQL("SELECT setval(pg_get_serial_sequence({}, 'id'), {})").format(
             sql.Literal(f"{name}.products"), sql.Literal(n)
