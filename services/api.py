@@ -37,6 +37,7 @@ from services.api_schemas import (
 )
 from services.converters import EbayProductConversionService, VintedProductConverter
 from services.db import make_engine, tenant_session
+from services.heartbeat import Heartbeat
 from services.image_service import ProductImageService
 from services.image_types import ServiceSettings
 
@@ -94,7 +95,11 @@ def _error(exc: errors.ImgmigError) -> JSONResponse:
 
 def create_app(database_url: str, *, settings: ServiceSettings | None = None) -> FastAPI:
     """The app for one database. Connects at startup (the key table), never at import."""
-    units = Units(database_url, settings or ServiceSettings(stage_cache=StageCache(ttl=1.0)))
+    units = Units(
+        database_url,
+        settings
+        or ServiceSettings(stage_cache=StageCache(ttl=1.0), heartbeat=Heartbeat(database_url)),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,6 +107,8 @@ def create_app(database_url: str, *, settings: ServiceSettings | None = None) ->
             api_keys.ensure_table(conn)
         yield
         units.engine.dispose()
+        if units.settings.heartbeat is not None:
+            units.settings.heartbeat.close()
 
     app = FastAPI(title="imgmig product images", version="1", lifespan=lifespan)
     app.state.units = units

@@ -76,7 +76,7 @@ class ProductImageService:
     def stage(self) -> Stage:
         """The tenant's stage, through the cache when the settings carry one."""
         cache = self.settings.stage_cache
-        return cache.get(self.tenant, self._load_stage) if cache else self._load_stage()
+        return cache.get(self.tenant, self._reload_stage) if cache else self._load_stage()
 
     # -- writes --------------------------------------------------------------------
 
@@ -165,6 +165,12 @@ class ProductImageService:
         except ProductNotFoundError:  # a fallback id naming a product that is not there
             raise ImageNotFoundError(tenant=self.tenant, image_id=image_id) from None
         return after, position[0]
+
+    def _reload_stage(self) -> Stage:
+        stage = self._load_stage()
+        if self.settings.heartbeat is not None:
+            self.settings.heartbeat.beat(self.tenant, stage)
+        return stage
 
     def _load_stage(self, *, lock: bool = False) -> Stage:
         query = _STAGE_LOCKED if lock else _STAGE

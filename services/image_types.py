@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from cdc.cutover import StageCache
 from cdc.errors import InvalidImageError
+from services.heartbeat import Heartbeat
 
 DEFAULT_MIME_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
 MAX_URL_LENGTH = 2048
@@ -26,12 +27,14 @@ _KNOWN_KEYS = frozenset(
 
 @dataclass(frozen=True, kw_only=True)
 class ServiceSettings:
-    """Limits of the image service, and the stage cache its reads go through."""
+    """Limits of the image service, the stage cache its reads go through, and the
+    heartbeat that reports the stage this instance reads in."""
 
     max_file_size: int = 10 * 1024 * 1024
     allowed_mime_types: frozenset[str] = DEFAULT_MIME_TYPES
     max_photos: int = 20  # photos per product, labels not counted (Vinted's limit)
     stage_cache: StageCache | None = None
+    heartbeat: Heartbeat | None = None  # told whenever the cache reloads a stage
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,7 +27,7 @@ PG = psycopg.Connection[tuple[Any, ...]]
 SYNCED = (Stage.DUAL_WRITE, Stage.SHADOW_READ, Stage.TABLE)
 
 
-def _q(template: LiteralString, tenant: str) -> sql.Composed:
+def tq(template: LiteralString, tenant: str) -> sql.Composed:
     """A query on the tenant's tables, composed (never pasted)."""
     return sql.SQL(template).format(
         products=sql.Identifier(tenant, "products"),
@@ -41,7 +41,7 @@ def connect(url: str) -> PG:
 
 def backfill(conn: PG, tenant: str) -> None:
     """Snapshot every product into the table and mark the backfill done."""
-    ids = [r[0] for r in conn.execute(_q("SELECT id FROM {products}", tenant)).fetchall()]
+    ids = [r[0] for r in conn.execute(tq("SELECT id FROM {products}", tenant)).fetchall()]
     conn.execute("SELECT imgmig.snapshot(%s, %s, 'backfill')", (tenant, ids))
     conn.execute(
         "INSERT INTO imgmig.backfill_state (tenant, status, finished_at) "
@@ -79,7 +79,7 @@ def bring_to(conn: PG, tenant: str, stage: Stage) -> None:
 def mark_true_labels(conn: PG, tenant: str) -> int:
     """Set ``is_label`` in the table from the seed's truth (tests only read the truth)."""
     cur = conn.execute(
-        _q(
+        tq(
             "UPDATE {images} i SET is_label = true FROM seed_truth.labels t "
             "WHERE t.tenant = %s AND t.product_id = i.product_id AND i.id = ("
             "  SELECT j.id FROM {images} j WHERE j.product_id = t.product_id "
@@ -94,7 +94,7 @@ def mark_true_labels(conn: PG, tenant: str) -> int:
 def out_of_sync(conn: PG, tenant: str) -> list[int]:
     """Products whose JSONB and rows differ through the canonical mapping (empty: in sync)."""
     rows = conn.execute(
-        _q(
+        tq(
             "SELECT p.id FROM {products} p WHERE imgmig.images_hash(p.images) "
             "IS DISTINCT FROM imgmig.rows_hash(%s, p.id) ORDER BY p.id",
             tenant,
@@ -107,10 +107,10 @@ def out_of_sync(conn: PG, tenant: str) -> list[int]:
 def snapshot(conn: PG, tenant: str, product_id: int) -> tuple[Any, ...]:
     """Both sides of one product, for no-partial-write assertions."""
     images = conn.execute(
-        _q("SELECT images FROM {products} WHERE id = %s", tenant), (product_id,)
+        tq("SELECT images FROM {products} WHERE id = %s", tenant), (product_id,)
     ).fetchone()
     rows = conn.execute(
-        _q(
+        tq(
             'SELECT id, url, "order", is_label, alt_text, mime_type FROM {images} '
             "WHERE product_id = %s ORDER BY id",
             tenant,

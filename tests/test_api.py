@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,3 +167,21 @@ def test_bad_input_maps_to_a_status_and_writes_nothing(
     assert response.json()["error"] == bad.error
     assert response.json()["message"]
     assert snapshot(conn, T, P) == before
+
+
+def test_a_flag_change_reaches_the_running_app_and_its_heartbeat(
+    client: TestClient, conn: PG
+) -> None:
+    """After a flag flip the running app serves the new stage (no restart) and its
+    heartbeat row says which stage it reads in."""
+    assert client.get(IMAGES).json()["stage"] == "jsonb"
+    bring_to(conn, T, Stage.TABLE)
+    for _ in range(100):
+        if client.get(IMAGES).json()["stage"] == "table":
+            break
+        time.sleep(0.05)
+    assert client.get(IMAGES).json()["stage"] == "table"
+    beats = conn.execute(
+        "SELECT stage FROM imgmig.reader_heartbeats WHERE tenant = %s", (T,)
+    ).fetchall()
+    assert beats == [("table",)]

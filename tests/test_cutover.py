@@ -21,6 +21,7 @@ from tests.cutover_helpers import (
     move,
     record_verify,
     service,
+    tq,
 )
 
 T = "user_1"
@@ -103,7 +104,7 @@ def test_table_needs_shadow_reads_without_mismatches(conn: PG, migrated_url: str
                 svc.list_images(product_id)
         assert _change(conn, "table").to_stage is Stage.TABLE
         move(conn, T, Stage.SHADOW_READ)  # back, and a new shadow period
-        conn.execute(f"DELETE FROM {T}.product_images WHERE product_id = 4")
+        conn.execute(tq("DELETE FROM {images} WHERE product_id = 4", T))
         with service(engine, T) as svc:
             svc.list_images(4)
     with pytest.raises(GuardRefusedError, match="1 shadow mismatches"):
@@ -135,7 +136,7 @@ def test_leaving_contracted_needs_the_jsonb_column(conn: PG) -> None:
     move(conn, T, Stage.CONTRACTED)
     with pytest.raises(GuardRefusedError, match="leaving contracted"):
         _change(conn, "table")
-    conn.execute(f"ALTER TABLE {T}.products DROP COLUMN images")
+    conn.execute(tq("ALTER TABLE {products} DROP COLUMN images", T))
     with pytest.raises(StageRefusedError, match="Alembic downgrade"):
         _change(conn, "table", force=True)
     assert stage_mod.get(conn, T).stage is Stage.CONTRACTED

@@ -7,6 +7,7 @@ import sys
 
 from cdc import stage as stage_mod
 from cdc.stage import Stage
+from services import api_keys
 from tests.cutover_helpers import PG
 
 
@@ -51,3 +52,16 @@ def test_force_all_then_kill_switch(conn: PG, migrated_url: str) -> None:
     shown = imgmig(migrated_url, "flag", "get", "-t", "user_1")
     assert "dual_write" in shown.stdout
     assert "pager" in shown.stdout  # the audited reason (the table may wrap it)
+
+
+def test_api_key_create_prints_a_key_and_stores_its_hash(conn: PG, migrated_url: str) -> None:
+    """api-key create prints the key once; only its SHA-256 is stored; unknown tenant: 4."""
+    made = imgmig(migrated_url, "api-key", "create", "--tenant", "user_4")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    stored = conn.execute("SELECT key_hash, tenant FROM imgmig.api_keys").fetchall()
+    assert stored == [(api_keys.hash_key(key), "user_4")]
+    assert key not in str(stored)
+    unknown = imgmig(migrated_url, "api-key", "create", "--tenant", "user_3")
+    assert unknown.returncode == 4
+    assert "unknown tenant 'user_3'" in unknown.stderr

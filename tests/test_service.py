@@ -17,6 +17,7 @@ from tests.cutover_helpers import (
     move,
     out_of_sync,
     service,
+    tq,
 )
 
 T = "user_2"
@@ -30,7 +31,9 @@ def _images(engine: Engine, product_id: int) -> list[ImageView]:
 
 
 def _jsonb_urls(conn: PG, product_id: int) -> list[str]:
-    row = conn.execute(f"SELECT images FROM {T}.products WHERE id = %s", (product_id,)).fetchone()
+    row = conn.execute(
+        tq("SELECT images FROM {products} WHERE id = %s", T), (product_id,)
+    ).fetchone()
     assert row is not None
     return [e["url"] for e in sorted(row[0], key=lambda e: e["order"])]
 
@@ -118,3 +121,21 @@ def test_changes_survive_moving_forward_and_rolling_back(conn: PG, migrated_url:
         move(conn, T, Stage.SHADOW_READ)
         check()
     assert out_of_sync(conn, T) == []
+
+
+def test_contracted_stage_works_without_the_jsonb_column(conn: PG, migrated_url: str) -> None:
+    """After the contract drops products.images, every operation still works on the table."""
+    bring_to(conn, T, Stage.TABLE)
+    move(conn, T, Stage.CONTRACTED)
+    conn.execute(tq("ALTER TABLE {products} DROP COLUMN images", T))
+    with engine_for(migrated_url) as engine:
+        start = [v.url for v in _images(engine, 12)]
+        with service(engine, T) as svc:
+            added = svc.add_image(12, {"url": "https://cdn.example/c.jpg", "mime_type": JPEG})
+            svc.set_label_flag(added.id, True)
+            ids = [v.id for v in svc.list_images(12)]
+            svc.reorder_images(12, ids[::-1])
+            svc.delete_image(ids[0])
+        with service(engine, T) as svc:
+            assert [p.url for p in svc.get_product_photos(12)] == start[::-1][:-1]
+            assert svc.get_label_image(12) == svc.list_images(12)[0]

@@ -9,7 +9,7 @@ from structlog.testing import capture_logs
 
 from cdc.stage import Stage
 from services.image_types import ServiceSettings, product_of_fallback
-from tests.cutover_helpers import PG, bring_to, engine_for, out_of_sync, service
+from tests.cutover_helpers import PG, bring_to, engine_for, out_of_sync, service, tq
 
 T = "user_1"
 
@@ -21,7 +21,7 @@ def test_shadow_read_serves_jsonb_and_logs_and_counts_a_mismatch(
     product and the difference, counted, and kept in shadow_mismatches."""
     bring_to(conn, T, Stage.SHADOW_READ)
     gone = conn.execute(
-        f'DELETE FROM {T}.product_images WHERE product_id = 6 AND "order" = 0 RETURNING url'
+        tq('DELETE FROM {images} WHERE product_id = 6 AND "order" = 0 RETURNING url', T)
     ).fetchone()
     assert gone is not None
     with engine_for(migrated_url) as engine, capture_logs() as logs:
@@ -48,7 +48,7 @@ def test_shadow_read_notices_a_label_the_table_disagrees_with(conn: PG, migrated
         with service(engine, T) as svc:
             first = svc.list_images(8)[0]
             svc.set_label_flag(first.id, True)
-        conn.execute(f"UPDATE {T}.product_images SET is_label = false WHERE product_id = 8")
+        conn.execute(tq("UPDATE {images} SET is_label = false WHERE product_id = 8", T))
         with capture_logs() as logs, service(engine, T) as svc:
             svc.get_product_photos(8)
     (event,) = [e for e in logs if e["event"] == "shadow mismatch"]
