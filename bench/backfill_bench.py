@@ -1,0 +1,200 @@
+"""Backfill benchmark: throughput against a raw INSERT, writer latency, peak RSS.
+
+One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
+
+    .venv/bin/python bench/backfill_bench.py --products 1000000
+
+1. Create a scratch database, seed ``--products`` products over 4 tenants, migrate,
+   and move the tenants to ``dual_write`` (capture on, as during a real backfill).
+2. Raw baseline: per tenant, one ``INSERT … SELECT jsonb_array_elements`` into the
+   tenant's indexed ``product_images`` (no canonical mapping, no events, no locks).
+   Rows per second over all tenants. Then TRUNCATE the tables.
+3. Idle writers: ``--writers`` threads, each a single-row legacy UPDATE of
+   ``products.images`` (through the capture trigger) every 20 ms, for ``--idle-s``.
+4. Backfill: ``imgmig backfill --all`` as a subprocess (its own RSS is sampled every
+   100 ms with psutil) while the same writers run; rows per second from the checkpoint.
+5. Print: backfill ÷ raw throughput, writer p99 during ÷ idle, peak RSS of the backfill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from contextlib import suppress
+
+import psutil
+import psycopg
+from psycopg import sql
+
+from cdc import migrate, server, stage
+from cdc.seed import SeedConfig, seed
+
+DB = "imgmig_backfill_bench"
+
+RAW = """
+INSERT INTO {images} (product_id, url, "order", created_at)
+SELECT p.id, e.v ->> 'url', (e.n - 1)::int,
+       coalesce((e.v ->> 'created_at')::timestamptz, now())
+  FROM {products} p CROSS JOIN LATERAL jsonb_array_elements(p.images) WITH ORDINALITY AS e(v, n)
+ WHERE jsonb_typeof(e.v -> 'url') = 'string'
+"""
+
+WRITE = (
+    "UPDATE {products} SET images = jsonb_set(images, '{{0,alt_text}}', "
+    "to_jsonb(md5(random()::text))) WHERE id = %s"
+)
+
+
+def fresh_db(base: str) -> str:
+    with psycopg.connect(server.with_database(base, "postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB)))
+    return server.with_database(base, DB)
+
+
+def prepare(url: str, products: int) -> dict[str, int]:
+    started = time.monotonic()
+    with psycopg.connect(url) as conn:
+        counts = seed(conn, SeedConfig(products=products, labels=products // 5, seed=1))
+    migrate.upgrade(url)
+    tenants = {t: n for t, n in counts.items() if n}
+    with psycopg.connect(url) as conn:
+        for tenant in tenants:
+            stage.set_stage(conn, tenant, "dual_write", reason="benchmark")
+        conn.commit()
+    print(f"seeded and migrated {products:,} products in {time.monotonic() - started:.0f} s")
+    return tenants
+
+
+def raw_baseline(url: str, tenants: dict[str, int]) -> tuple[int, float]:
+    rows, started = 0, time.monotonic()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for tenant in tenants:
+            stmt = sql.SQL(RAW).format(
+                images=sql.Identifier(tenant, "product_images"),
+                products=sql.Identifier(tenant, "products"),
+            )
+            rows += conn.execute(stmt).rowcount
+        took = time.monotonic() - started
+        for tenant in tenants:
+            conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(tenant, "product_images")))
+    return rows, took
+
+
+class Writers:
+    """Single-row legacy writers; latencies in ms, per phase."""
+
+    def __init__(self, url: str, tenants: dict[str, int], n: int) -> None:
+        self.url, self.tenants, self.n = url, tenants, n
+        self.latencies: list[float] = []
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self.stop.clear()
+        self.latencies = []
+        self.threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(self.n)]
+        for t in self.threads:
+            t.start()
+
+    def finish(self) -> list[float]:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+        return self.latencies
+
+    def _loop(self, seed_no: int) -> None:
+        rng = random.Random(seed_no)
+        names = list(self.tenants)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self.stop.is_set():
+                tenant = rng.choice(names)
+                stmt = sql.SQL(WRITE).format(products=sql.Identifier(tenant, "products"))
+                began = time.perf_counter()
+                conn.execute(stmt, (rng.randint(1, self.tenants[tenant]),))
+                self.latencies.append((time.perf_counter() - began) * 1000)
+                time.sleep(0.02)
+
+
+def table_rows(url: str, tenants: dict[str, int]) -> int:
+    with psycopg.connect(url) as conn:
+        total = 0
+        for tenant in tenants:
+            query = sql.SQL("SELECT count(*) FROM {}").format(
+                sql.Identifier(tenant, "product_images")
+            )
+            row = conn.execute(query).fetchone()
+            total += int(row[0]) if row else 0
+        return total
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98]
+
+
+def run_backfill(url: str, workers: int, target_ms: int) -> tuple[float, float, str]:
+    """Backfill as a subprocess; return (seconds, peak RSS MiB, last log line)."""
+    cmd = [sys.executable, "-m", "cdc", "--log-format", "json", "--database-url", url,
+           "backfill", "--all", "--workers", str(workers),
+           "--target-ms", str(target_ms)]  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.Popen(  # noqa: S603 - our own CLI, arguments built above
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    peak = 0
+    ps = psutil.Process(proc.pid)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr or []))
+    reader.start()
+    while proc.poll() is None:
+        with suppress(psutil.Error):
+            peak = max(peak, ps.memory_info().rss)
+        time.sleep(0.1)
+    reader.join()
+    took = time.monotonic() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"backfill failed ({proc.returncode}): {''.join(lines[-5:])}")
+    return took, peak / 2**20, lines[-1].strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--products", type=int, default=1_000_000)
+    parser.add_argument("--writers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--idle-s", type=float, default=15.0)
+    parser.add_argument("--target-ms", type=int, default=300)
+    args = parser.parse_args()
+    with server.provide() as srv:
+        url = fresh_db(srv.url)
+        tenants = prepare(url, args.products)
+        raw_rows, raw_s = raw_baseline(url, tenants)
+        raw_rate = raw_rows / raw_s
+        print(f"raw INSERT…SELECT: {raw_rows:,} rows in {raw_s:.1f} s = {raw_rate:,.0f} rows/s")
+        writers = Writers(url, tenants, args.writers)
+        writers.start()
+        time.sleep(args.idle_s)
+        idle = writers.finish()
+        writers.start()
+        took, rss, last = run_backfill(url, args.workers, args.target_ms)
+        busy = writers.finish()
+        assert json.loads(last)["exit_code"] == 0
+        rows = table_rows(url, tenants)
+        print(f"backfill: {rows:,} rows in {took:.1f} s = {rows / took:,.0f} rows/s "
+              f"(workers={args.workers}, target {args.target_ms} ms, "
+              "process start included)")  # fmt: skip
+        print(f"throughput ratio backfill/raw: {(rows / took) / raw_rate:.2f}")
+        quiet, loaded = p99(idle), p99(busy)
+        print(f"writer p99 idle {quiet:.1f} ms ({len(idle)} writes), during backfill "
+              f"{loaded:.1f} ms ({len(busy)} writes): ratio {loaded / quiet:.2f}")  # fmt: skip
+        print(f"backfill peak RSS: {rss:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
