@@ -35,7 +35,7 @@ from cdc.db import Conn, connect
 from cdc.errors import ImgmigError, StageRefusedError
 from cdc.pacing import BatchSizer, RateLimiter
 from cdc.stage import Stage
-from cdc.tenants import resolve
+from cdc.tenants import CONTROL_SCHEMA, resolve
 
 log = structlog.get_logger(__name__)
 
@@ -104,6 +104,11 @@ _MALFORMED: Final = sql.SQL(
          FROM {products} p
         CROSS JOIN LATERAL imgmig.change_events('snapshot', NULL, p.images) x
         WHERE p.id = ANY (%(ids)s) AND x.type = 'images.malformed'"""
+)
+
+
+_STAGE_FOR_SHARE: Final = sql.SQL("SELECT stage FROM {} WHERE tenant = %s FOR SHARE").format(
+    sql.Identifier(CONTROL_SCHEMA, "tenant_state")
 )
 
 
@@ -262,6 +267,7 @@ class _Worker:
         tenant = self.tenant
         timeout = sql.Literal(f"{self.config.lock_timeout_ms}ms")
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(timeout))
+        self._recheck_stage(conn)
         row = conn.execute(
             _LOCK_AND_PROJECT.format(products=sql.Identifier(tenant, "products")),
             {"after": after, "max_id": max_id, "limit": size, "tenant": tenant},
@@ -284,6 +290,18 @@ class _Worker:
         )
         elapsed = time.monotonic() - started
         return Batch(tenant, len(ids), rows, ids[-1], elapsed, size, max(malformed, 0), labelled)
+
+    def _recheck_stage(self, conn: Conn) -> None:
+        """Hold the stage for the batch: a rollback to jsonb waits for it, then stops us."""
+        row = conn.execute(_STAGE_FOR_SHARE, (self.tenant,)).fetchone()
+        current = Stage(row[0]) if row else Stage.JSONB
+        if current not in ALLOWED:
+            raise StageRefusedError(
+                tenant=self.tenant,
+                stage=current.value,
+                action="continue the backfill",
+                why="the stage changed while it ran; the checkpoint is kept for a later run",
+            )
 
     def _wait_while_paused(self, conn: Conn) -> None:
         announced = False

@@ -159,3 +159,28 @@ def test_lost_connection_mid_batch_rolls_back_and_resumes(migrated_url: str) -> 
     with connect(migrated_url, autocommit=True) as conn:
         assert exact_mismatches(conn, "user_1") == 0
         assert duplicate_orders(conn, "user_1") == 0
+
+
+def test_stage_rolled_back_mid_run_stops_the_backfill(migrated_url: str) -> None:
+    """Moving the tenant back to jsonb while it runs stops it before the next batch."""
+    set_stage(migrated_url, "dual_write", ("user_1",))
+    backfill.pause(migrated_url)
+    seen = Silent()
+    config = backfill.BackfillConfig(batch_size=10, pause_poll_s=0.05)
+    results: list[backfill.TenantResult] = []
+    worker = threading.Thread(
+        target=lambda: results.extend(backfill.run(migrated_url, ["user_1"], config, seen))
+    )
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not seen.pauses and time.monotonic() < deadline:
+        time.sleep(0.02)
+    set_stage(migrated_url, "jsonb", ("user_1",))
+    backfill.resume(migrated_url)
+    worker.join(timeout=30)
+    assert results[0].status == "failed"
+    assert "stage changed" in (results[0].error or "")
+    with connect(migrated_url, autocommit=True) as conn:
+        cp = checkpoint.read(conn, "user_1")
+    assert cp is not None
+    assert cp.status == "running"
