@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
 import psycopg
 import pytest
 from psycopg import sql
+from rich.console import Console
+from structlog.testing import capture_logs
 
-from cdc import backfill, checkpoint, locks
+from cdc import backfill, checkpoint, locks, progress
 from cdc.db import connect
 from cdc.errors import StageRefusedError, TenantBusyError, UnknownTenantError
 from cdc.progress import Silent
@@ -184,3 +187,22 @@ def test_stage_rolled_back_mid_run_stops_the_backfill(migrated_url: str) -> None
         cp = checkpoint.read(conn, "user_1")
     assert cp is not None
     assert cp.status == "running"
+
+
+def test_progress_bars_and_json_lines_report_each_tenant(migrated_url: str) -> None:
+    """A terminal gets Rich bars per tenant; elsewhere each tenant logs start and finish."""
+    set_stage(migrated_url, "dual_write", ("user_4", "user_5"))
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=120)
+    with progress.bars(console) as bars:
+        backfill.run(migrated_url, ["user_4"], SMALL_BATCHES, bars)
+    text = screen.getvalue()
+    assert "user_4" in text
+    assert "products/s" in text
+    with capture_logs() as logs:
+        backfill.run(migrated_url, ["user_5"], SMALL_BATCHES, progress.LogLines())
+    events = [(e["event"], e.get("tenant")) for e in logs]
+    assert ("backfill started", "user_5") in events
+    finished = [e for e in logs if e["event"] == "backfill finished"]
+    assert finished[0]["status"] == "done"
+    assert finished[0]["products"] == 30
