@@ -16,7 +16,7 @@ from cdc import stage as stage_mod
 from cdc import tenants as tenants_mod
 from cdc.cli_common import out, url
 from cdc.db import connect
-from cdc.errors import NoTenantChosenError
+from cdc.errors import KillSwitchIncompleteError, NoTenantChosenError
 
 flag_app = typer.Typer(help="Read and set the per-tenant stage flag.")
 key_app = typer.Typer(help="API keys for the HTTP API (one tenant per key).")
@@ -57,7 +57,7 @@ def flag_set(
 ) -> None:
     """Move tenants to STAGE, guarded; all tenants move or none does."""
     target = stage_mod.Stage.parse(stage)
-    if not tenant and not all_tenants:
+    if bool(tenant) == all_tenants:  # neither, or both
         raise NoTenantChosenError(action="flag set")
     with connect(url()) as conn:
         names = tenants_mod.resolve(conn, None if all_tenants else tenant)
@@ -75,10 +75,15 @@ def flag_kill_switch(reason: ReasonOpt) -> None:
     with connect(url()) as conn:
         moves = cutover.kill_switch(conn, reason=reason, actor=getpass.getuser())
     for move in moves:
-        if move.from_stage == move.to_stage:
+        if move.error:
+            out.print(f"[red]{move.tenant}: {move.from_stage.value} NOT MOVED: {move.error}[/]")
+        elif move.from_stage == move.to_stage:
             out.print(f"{move.tenant}: {move.from_stage.value} ({move.note})")
         else:
             out.print(f"{move.tenant}: {move.from_stage.value} -> {move.to_stage.value}")
+    failed = tuple(m.tenant for m in moves if m.error)
+    if failed:
+        raise KillSwitchIncompleteError(tenants=failed)
 
 
 @key_app.command("create")

@@ -32,7 +32,7 @@ from psycopg import sql
 
 from cdc import stage as stage_mod
 from cdc.db import Conn
-from cdc.errors import GuardRefusedError, ReasonRequiredError, StageRefusedError
+from cdc.errors import GuardRefusedError, ImgmigError, ReasonRequiredError, StageRefusedError
 from cdc.stage import Stage
 from cdc.tenants import CONTROL_SCHEMA
 
@@ -55,6 +55,7 @@ class Transition:
     forced: bool = False
     overridden: tuple[str, ...] = ()
     note: str = ""
+    error: str | None = None
 
 
 def _one(conn: Conn, query: sql.Composed, params: tuple[object, ...]) -> tuple[object, ...] | None:
@@ -212,21 +213,35 @@ def kill_switch(conn: Conn, *, reason: str, actor: str | None = None) -> list[Tr
 
     ``table`` and ``shadow_read`` go to ``dual_write`` (JSONB is the truth again, capture
     keeps the table current); ``jsonb`` and ``dual_write`` stay; ``contracted`` stays and
-    says why. One transaction: every tenant moves, or none does.
+    says why. One transaction per tenant, so a tenant whose triggers cannot be swapped
+    (a lock timeout) does not hold the others back: it is reported with its error.
     """
     if not reason.strip():
         raise ReasonRequiredError(action="flag kill-switch")
-    results: list[Transition] = []
     with conn.transaction():
-        for state in stage_mod.get_all(conn):
-            target = KILL_TARGET.get(state.stage)
-            if target is None:
-                results.append(_stays(state.tenant, state.stage))
-                continue
-            why = f"kill switch: {reason}"
-            results.append(change_stage(conn, state.tenant, target, reason=why, actor=actor))
-    log.warning("kill switch", moved=[r.tenant for r in results if r.from_stage != r.to_stage])
+        tenants = [state.tenant for state in stage_mod.get_all(conn)]
+    results = [_kill_one(conn, t, f"kill switch: {reason}", actor) for t in tenants]
+    log.warning(
+        "kill switch",
+        moved=[r.tenant for r in results if r.from_stage != r.to_stage],
+        failed=[r.tenant for r in results if r.error],
+    )
     return results
+
+
+def _kill_one(conn: Conn, tenant: str, reason: str, actor: str | None) -> Transition:
+    """Under the tenant's row lock, decide from its current stage and move it."""
+    try:
+        with conn.transaction():
+            current = _lock_current(conn, tenant)
+            target = KILL_TARGET.get(current)
+            if target is None:
+                return _stays(tenant, current)
+            return change_stage(conn, tenant, target, reason=reason, actor=actor)
+    except ImgmigError as exc:
+        with conn.transaction():
+            stage = stage_mod.get(conn, tenant).stage
+        return Transition(tenant, stage, stage, note="FAILED", error=str(exc))
 
 
 def _stays(tenant: str, stage: Stage) -> Transition:

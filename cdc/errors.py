@@ -221,6 +221,19 @@ class ReasonRequiredError(ImgmigError):
         return f"{self.action}: a non-empty --reason is required (it goes to the audit log)"
 
 
+@dataclass(eq=False)
+class KillSwitchIncompleteError(ImgmigError):
+    """The kill switch could not move some tenants (the others were moved)."""
+
+    tenants: tuple[str, ...]
+    exit_code: int = 9
+
+    def message(self) -> str:
+        return (
+            f"kill switch incomplete: {', '.join(self.tenants)} not moved (see above); run it again"
+        )
+
+
 # --- ProductImageService and its HTTP API (issue 5) ------------------------------------
 
 

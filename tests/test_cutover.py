@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from cdc import cutover
@@ -192,3 +193,19 @@ def test_stage_cache_ttl_is_at_most_one_second() -> None:
     """A TTL over one second would break the promise that services see a change within 1 s."""
     with pytest.raises(ValueError, match="between 0 and 1"):
         cutover.StageCache(ttl=5)
+
+
+def test_kill_switch_moves_the_others_when_one_tenant_is_stuck(conn: PG, migrated_url: str) -> None:
+    """A tenant whose triggers cannot be swapped (a lock held elsewhere) is reported with
+    its error and keeps its stage; every other tenant is still moved."""
+    move(conn, "user_1", Stage.TABLE)
+    move(conn, "user_2", Stage.TABLE)
+    with psycopg.connect(migrated_url) as blocker:
+        blocker.execute("LOCK TABLE user_2.product_images IN ACCESS EXCLUSIVE MODE")
+        moves = {m.tenant: m for m in cutover.kill_switch(conn, reason="pager", actor="ops")}
+        blocker.rollback()
+    assert moves["user_1"].to_stage is Stage.DUAL_WRITE
+    assert moves["user_2"].error is not None
+    assert "lock_timeout" in moves["user_2"].error
+    assert stage_mod.get(conn, "user_1").stage is Stage.DUAL_WRITE
+    assert stage_mod.get(conn, "user_2").stage is Stage.TABLE

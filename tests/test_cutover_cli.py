@@ -27,13 +27,17 @@ def test_guard_refusal_is_one_line_and_exit_8(conn: PG, migrated_url: str) -> No
 
 
 def test_unknown_stage_and_missing_tenant_are_exit_4(migrated_url: str) -> None:
-    """An unknown stage name, or neither --tenant nor --all, exits 4 with one line."""
+    """An unknown stage name, or not exactly one of --tenant and --all, exits 4."""
     bad = imgmig(migrated_url, "flag", "set", "tabel", "-t", "user_1", "--reason", "go")
     assert bad.returncode == 4
     assert "unknown stage 'tabel'" in bad.stderr
     nobody = imgmig(migrated_url, "flag", "set", "dual_write", "--reason", "go")
     assert nobody.returncode == 4
     assert "--all" in nobody.stderr
+    both = imgmig(
+        migrated_url, "flag", "set", "dual_write", "-t", "user_1", "--all", "--reason", "x"
+    )
+    assert both.returncode == 4
 
 
 def test_force_all_then_kill_switch(conn: PG, migrated_url: str) -> None:
