@@ -30,7 +30,7 @@ from cdc.errors import (
 )
 from cdc.stage import Stage
 from services import shadow
-from services.image_types import ImageView, ServiceSettings, product_of_fallback
+from services.image_types import ImageView, ServiceSettings, fallback_id, product_of_fallback
 from services.image_types import validate_new_image as validate
 from services.stores import JsonbStore, Store, TableStore, image_product, now_utc
 
@@ -200,9 +200,17 @@ class ProductImageService:
         return found
 
     def _pick(self, views: list[ImageView], image_id: int, product_id: int) -> ImageView:
+        """The view with this id. A fallback id handed out before the image had a row
+        (stage jsonb, or deferred projection) still finds it once the row exists."""
         for view in views:
             if view.id == image_id:
                 return view
+        if image_id < 0:
+            ranks: dict[str, int] = {}
+            for view in views:
+                ranks[view.url] = ranks.get(view.url, 0) + 1
+                if fallback_id(product_id, view.url, ranks[view.url]) == image_id:
+                    return view
         raise ImageNotFoundError(tenant=self.tenant, image_id=image_id, product_id=product_id)
 
     def _no_other_label(self, product_id: int, views: list[ImageView], keep: int | None) -> None:

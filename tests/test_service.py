@@ -23,6 +23,7 @@ from tests.cutover_helpers import (
 T = "user_2"
 STAGES = (Stage.JSONB, Stage.DUAL_WRITE, Stage.SHADOW_READ, Stage.TABLE)
 JPEG = "image/jpeg"
+EXTENDED = ("is_label", "alt_text", "tags", "mime_type", "file_size", "width", "height")
 
 
 def _images(engine: Engine, product_id: int) -> list[ImageView]:
@@ -38,9 +39,18 @@ def _jsonb_urls(conn: PG, product_id: int) -> list[str]:
     return [e["url"] for e in sorted(row[0], key=lambda e: e["order"])]
 
 
+def _jsonb_element(conn: PG, product_id: int, url: str) -> dict[str, object]:
+    row = conn.execute(tq("SELECT images FROM {products} WHERE id = %s", T), (product_id,))
+    found = row.fetchone()
+    assert found is not None
+    (element,) = [e for e in found[0] if e["url"] == url]
+    return dict(element)
+
+
 @pytest.mark.parametrize("stage", STAGES, ids=[s.value for s in STAGES])
 def test_every_operation_in_each_stage(conn: PG, migrated_url: str, stage: Stage) -> None:
-    """add, label, reorder, delete and the reads give the same results in every stage."""
+    """add, label, reorder, delete and the reads give the same results in every stage, and
+    JSONB carries the extended keys (written directly, or by the reverse trigger)."""
     bring_to(conn, T, stage)
     with engine_for(migrated_url) as engine:
         start = [v.url for v in _images(engine, 5)]
@@ -55,6 +65,11 @@ def test_every_operation_in_each_stage(conn: PG, migrated_url: str, stage: Stage
             assert label.is_label
             assert svc.get_label_image(5) == label
             assert [p.url for p in svc.get_product_photos(5)] == start
+        element = _jsonb_element(conn, 5, "https://cdn.example/new.jpg")
+        assert {k: element[k] for k in EXTENDED} == {
+            "is_label": True, "alt_text": "front", "tags": ["front"], "mime_type": JPEG,
+            "file_size": 1234, "width": 800, "height": 600,
+        }  # fmt: skip
         ids = [v.id for v in _images(engine, 5)]
         with service(engine, T) as svc:
             svc.reorder_images(5, list(reversed(ids)))

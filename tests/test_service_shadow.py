@@ -104,3 +104,20 @@ def test_concurrent_edits_of_one_product_serialise(
     assert [v.order for v in views] == list(range(start + 20))
     if stage is not Stage.JSONB:
         assert out_of_sync(conn, T) == []
+
+
+def test_a_fallback_id_still_finds_its_image_once_the_row_exists(
+    conn: PG, migrated_url: str
+) -> None:
+    """An id handed out at stage jsonb keeps working after the backfill gives the image a
+    row, in dual_write and in table."""
+    with engine_for(migrated_url) as engine:
+        with service(engine, T) as svc:
+            old = svc.list_images(13)
+        bring_to(conn, T, Stage.TABLE)
+        with service(engine, T) as svc:
+            assert svc.find_image(old[0].id).id > 0
+            assert svc.set_label_flag(old[1].id, True).url == old[1].url
+            svc.delete_image(old[0].id)
+            assert [v.url for v in svc.list_images(13)] == [v.url for v in old[1:]]
+    assert out_of_sync(conn, T) == []
