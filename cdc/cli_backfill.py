@@ -21,12 +21,11 @@ import structlog
 import typer
 
 from cdc import backfill as backfill_mod
-from cdc import metrics, runs
+from cdc import labels, metrics, runs
 from cdc import progress as progress_mod
 from cdc import reconcile as reconcile_mod
 from cdc.cli_common import out, url
 from cdc.errors import ImgmigError, NoTenantChosenError
-from cdc.labels import known as known_strategies
 from cdc.pacing import BatchSizer
 
 log = structlog.get_logger("cdc.cli")
@@ -66,7 +65,10 @@ def backfill(  # noqa: PLR0917 - Typer derives options from parameters
     target_ms: Annotated[int, typer.Option(min=10, help="Target batch duration.")] = 300,
     label_strategy: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option(help=f"Label strategies in order ({', '.join(known_strategies())})."),
+        typer.Option(
+            help=f"Label strategies in order, repeatable ({', '.join(labels.known())}; "
+            f"default: {', '.join(labels.DEFAULT)})."
+        ),
     ] = None,
     restart: Annotated[bool, typer.Option(help="Start done tenants over.")] = False,
 ) -> None:
@@ -78,7 +80,7 @@ def backfill(  # noqa: PLR0917 - Typer derives options from parameters
         sizer=BatchSizer(target_s=target_ms / 1000),
         max_rate=max_rate,
         workers=workers,
-        label_strategies=tuple(label_strategy or ("explicit",)),
+        label_strategies=tuple(label_strategy) if label_strategy else labels.DEFAULT,
         restart=restart,
     )
     wanted = chosen(tenant, all_, "backfill")
