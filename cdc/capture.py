@@ -11,6 +11,11 @@ Triggers per stage (DESIGN.md, "Lifecycle"):
 * ``table``: reverse on ``product_images`` (rows -> JSONB) *and* capture, so that old
   app instances still writing JSONB land in the table; the transaction-local
   ``imgmig.syncing`` setting stops the two directions from feeding each other.
+
+Capture comes in two shapes, after the tenant's projection mode: ``inline`` is three
+statement-level triggers with transition tables that log and project by diff;
+``deferred`` is three row-level triggers that only log (``UPDATE OF images`` with a
+``WHEN`` clause, so other writes cost nothing), for the projector to apply later.
 """
 
 from __future__ import annotations
@@ -36,29 +41,24 @@ INSTALL_LOCK: Final = "imgmig.capture.install"
 
 @dataclass(frozen=True)
 class TriggerSpec:
-    """One statement-level trigger with transition tables."""
+    """One AFTER trigger: statement-level with transition tables, or row-level."""
 
     name: str
     table: str
     event: str
     function: str
+    row_level: bool = False
 
     def create(self, tenant: str) -> sql.Composed:
         """The CREATE TRIGGER statement for ``tenant``."""
-        refs = {
-            "INSERT": "NEW TABLE AS new_rows",
-            "UPDATE": "OLD TABLE AS old_rows NEW TABLE AS new_rows",
-            "DELETE": "OLD TABLE AS old_rows",
-        }[self.event]
         return sql.SQL(
-            "CREATE TRIGGER {name} AFTER {event} ON {table} REFERENCING {refs} "
-            "FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+            "CREATE TRIGGER {name} AFTER {event} ON {table} {how} EXECUTE FUNCTION {fn}()"
         ).format(
             name=sql.Identifier(self.name),
-            event=sql.SQL(self.event),
+            event=sql.SQL(_ROW_EVENTS[self.event] if self.row_level else self.event),
             table=sql.Identifier(tenant, self.table),
-            refs=sql.SQL(refs),
-            function=sql.Identifier("imgmig", self.function),
+            how=sql.SQL(_ROW_HOW[self.event] if self.row_level else _STATEMENT_HOW[self.event]),
+            fn=sql.Identifier("imgmig", self.function),
         )
 
     def drop(self, tenant: str) -> sql.Composed:
@@ -68,25 +68,46 @@ class TriggerSpec:
         )
 
 
+_STATEMENT_HOW: Final = {
+    "INSERT": "REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT",
+    "UPDATE": "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT",
+    "DELETE": "REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT",
+}
+# PostgreSQL allows a column list and a WHEN clause only without transition tables.
+_ROW_EVENTS: Final = {"INSERT": "INSERT", "UPDATE": "UPDATE OF images", "DELETE": "DELETE"}
+_ROW_HOW: Final = {
+    "INSERT": "FOR EACH ROW",
+    "UPDATE": "FOR EACH ROW WHEN (OLD.images IS DISTINCT FROM NEW.images)",
+    "DELETE": "FOR EACH ROW",
+}
 _EVENTS: Final = (("ins", "INSERT"), ("upd", "UPDATE"), ("del", "DELETE"))
 
 CAPTURE: Final = tuple(
     TriggerSpec(f"imgmig_capture_{short}", "products", event, "capture_products")
     for short, event in _EVENTS
 )
+LOG_ONLY: Final = tuple(
+    TriggerSpec(f"imgmig_log_{short}", "products", event, "log_products_row", row_level=True)
+    for short, event in _EVENTS
+)
 REVERSE: Final = tuple(
     TriggerSpec(f"imgmig_reverse_{short}", "product_images", event, "reverse_images")
     for short, event in _EVENTS
 )
-ALL_TRIGGERS: Final = CAPTURE + REVERSE
+ALL_TRIGGERS: Final = CAPTURE + LOG_ONLY + REVERSE
+STAGES: Final = ("jsonb", "dual_write", "shadow_read", "table", "contracted")
 
-STAGE_TRIGGERS: Final[dict[str, tuple[TriggerSpec, ...]]] = {
-    "jsonb": (),
-    "dual_write": CAPTURE,
-    "shadow_read": CAPTURE,
-    "table": CAPTURE + REVERSE,
-    "contracted": (),
-}
+
+def triggers_for(stage: str, projection: str) -> tuple[TriggerSpec, ...]:
+    """The triggers a tenant at ``stage`` with ``projection`` ('inline'/'deferred') needs."""
+    if stage not in STAGES:
+        raise InvalidStageError(stage=stage)
+    capture = LOG_ONLY if projection == "deferred" else CAPTURE
+    if stage in ("dual_write", "shadow_read"):
+        return capture
+    if stage == "table":
+        return capture + REVERSE
+    return ()
 
 
 def sql_text(name: str) -> str:
@@ -124,10 +145,9 @@ def apply_stage(conn: Conn, tenant: str, stage: str) -> None:
     Runs in the caller's transaction. Each DDL statement takes its lock under
     ``lock_timeout`` with a bounded retry (``cdc.ddl.run_ddl``); a statement is only
     issued when the trigger set actually changes, so re-applying a stage takes no lock.
+    Which capture shape is installed follows ``imgmig.tenant_state.projection``.
     """
-    if stage not in STAGE_TRIGGERS:
-        raise InvalidStageError(stage=stage)
-    wanted = STAGE_TRIGGERS[stage]
+    wanted = triggers_for(stage, projection_of(conn, tenant))
     present = installed_triggers(conn, tenant)
     bound = log.bind(tenant=tenant, stage=stage)
     for spec in ALL_TRIGGERS:
@@ -138,3 +158,27 @@ def apply_stage(conn: Conn, tenant: str, stage: str) -> None:
         if spec.name not in present:
             run_ddl(conn, spec.create(tenant), schema=tenant)
             bound.info("trigger created", trigger=spec.name)
+
+
+def projection_of(conn: Conn, tenant: str) -> str:
+    """The tenant's projection mode ('inline' when it has no control row)."""
+    row = conn.execute(
+        "SELECT projection FROM imgmig.tenant_state WHERE tenant = %s", (tenant,)
+    ).fetchone()
+    return str(row[0]) if row is not None else "inline"
+
+
+def set_projection(conn: Conn, tenant: str, mode: str) -> None:
+    """Switch ``tenant`` to 'inline' or 'deferred' projection and swap its capture triggers.
+
+    Caller's transaction. Going back to inline does not apply pending events by itself:
+    run the projector (``cdc.project.project``) once after the switch.
+    """
+    if mode not in ("inline", "deferred"):
+        raise ValueError(f"projection mode must be inline or deferred, not {mode!r}")
+    row = conn.execute(
+        "UPDATE imgmig.tenant_state SET projection = %s WHERE tenant = %s RETURNING stage",
+        (mode, tenant),
+    ).fetchone()
+    if row is not None:
+        apply_stage(conn, tenant, str(row[0]))

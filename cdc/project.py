@@ -13,6 +13,7 @@ from datetime import datetime
 
 import structlog
 
+from cdc import capture
 from cdc.db import Conn
 
 log = structlog.get_logger(__name__)
@@ -47,7 +48,8 @@ def lag(conn: Conn, tenant: str) -> Lag:
 
 
 def set_mode(conn: Conn, tenant: str, mode: str) -> None:
-    """Switch ``tenant`` between 'inline' and 'deferred' projection (caller's transaction)."""
-    if mode not in ("inline", "deferred"):
-        raise ValueError(f"projection mode must be inline or deferred, not {mode!r}")
-    conn.execute("UPDATE imgmig.tenant_state SET projection = %s WHERE tenant = %s", (mode, tenant))
+    """Switch ``tenant`` between 'inline' and 'deferred' (caller's transaction).
+
+    The capture triggers change shape with the mode (``cdc.capture.set_projection``).
+    """
+    capture.set_projection(conn, tenant, mode)

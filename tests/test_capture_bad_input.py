@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from psycopg import errors
 
+from cdc import project
 from tests.capture_support import (
     TENANT,
     Conn,
@@ -121,3 +122,17 @@ def test_cancel_is_not_swallowed(conn: Conn) -> None:
     with pytest.raises(errors.QueryCanceled):
         slow_write()
     assert images_of(conn, pid) == []
+
+
+def test_deferred_mode_records_problems_too(conn: Conn) -> None:
+    """The log-only trigger of deferred mode also records malformed values, write kept."""
+    with conn.transaction():
+        project.set_mode(conn, TENANT, "deferred")
+    go(conn, "dual_write")
+    pid = new_product(conn, [img("https://x/a.jpg", 0)])
+    write_images(conn, pid, [{"order": 0}, img("https://x/b.jpg", 1)])
+    kinds = {e[0]: e[1] for e in events_of(conn, pid)}
+    assert kinds["images.malformed"]["problems"] == ["element_without_url", "order_renumbered"]
+    assert rows_of(conn, pid) == []
+    project.project(conn, TENANT)
+    assert [r[1] for r in rows_of(conn, pid)] == ["https://x/b.jpg"]

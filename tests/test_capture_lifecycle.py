@@ -31,7 +31,7 @@ BACK = ["shadow_read", "dual_write", "jsonb"]
 
 def check_stage(conn: Conn, stage: str, step: int) -> None:
     legacy_to_table, table_to_legacy = VISIBLE[stage]
-    wanted = {t.name for t in capture.STAGE_TRIGGERS[stage]}
+    wanted = {t.name for t in capture.triggers_for(stage, "inline")}
     assert capture.installed_triggers(conn, TENANT) == wanted
 
     old_path = f"https://legacy/{step}.jpg"
@@ -86,6 +86,19 @@ def test_reapplying_a_stage_issues_no_ddl(conn: Conn) -> None:
         f"('{TENANT}.products'::regclass, '{TENANT}.product_images'::regclass)"
     ).fetchone()
     assert before == after
+
+
+def test_deferred_mode_swaps_in_the_log_only_triggers(conn: Conn) -> None:
+    """Switching projection swaps statement-level capture for row-level logging, and back."""
+    go(conn, "table")
+    with conn.transaction():
+        capture.set_projection(conn, TENANT, "deferred")
+    names = {t.name for t in (*capture.LOG_ONLY, *capture.REVERSE)}
+    assert capture.installed_triggers(conn, TENANT) == names
+    with conn.transaction():
+        capture.set_projection(conn, TENANT, "inline")
+    names = {t.name for t in (*capture.CAPTURE, *capture.REVERSE)}
+    assert capture.installed_triggers(conn, TENANT) == names
 
 
 def test_unknown_stage_is_refused(conn: Conn) -> None:

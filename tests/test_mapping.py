@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from psycopg.types.json import Jsonb
 
-from cdc.capture import CAPTURE, REVERSE
+from cdc.capture import CAPTURE, LOG_ONLY, REVERSE
 from tests.capture_support import TENANT, Conn, go, img, in_sync, new_product
 
 CANONICAL = [
@@ -143,6 +143,15 @@ def test_seeded_products_hash_equal_on_both_sides_after_snapshot(conn: Conn) -> 
 def test_problem_codes(conn: Conn, images: Any, expected: list[str] | None) -> None:
     """images_problems names what is wrong with an array, and nothing for a clean one."""
     assert problems(conn, images) == expected
+
+
+def test_row_trigger_statement_golden() -> None:
+    """The deferred-mode trigger fires only when images really change."""
+    assert LOG_ONLY[1].create("user_2").as_string(None) == (
+        'CREATE TRIGGER "imgmig_log_upd" AFTER UPDATE OF images ON "user_2"."products" '
+        "FOR EACH ROW WHEN (OLD.images IS DISTINCT FROM NEW.images) "
+        'EXECUTE FUNCTION "imgmig"."log_products_row"()'
+    )
 
 
 def test_trigger_statements_golden() -> None:

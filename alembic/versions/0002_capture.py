@@ -41,6 +41,7 @@ SHARED_FUNCTIONS: Final = (
     "project_pending(text)",
     "project_latest(text, bigint)",
     "reverse_images()",
+    "log_products_row()",
     "capture_products()",
     "rows_hash(text, bigint)",
     "rows_images(text, bigint[])",

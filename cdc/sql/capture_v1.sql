@@ -305,6 +305,59 @@ BEGIN
 END
 $$;
 
+-- Capture in deferred mode, on products: FOR EACH ROW, UPDATE OF images WHEN the value
+-- really changed, so any other write costs nothing. It only appends the event (plus an
+-- 'images.malformed' one when the value is not clean); imgmig.project_pending applies it.
+-- Row-level because one small INSERT per changed row is the cheapest possible trigger:
+-- no transition tables, no projection, and no subtransaction that writes (the problem
+-- check, the only content-dependent step, runs in an exception block of its own).
+CREATE OR REPLACE FUNCTION imgmig.log_products_row()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  v_op text;
+  v_before jsonb;
+  v_after jsonb;
+  v_id bigint;
+  v_problems text[];
+  v_source text;
+BEGIN
+  IF current_setting('imgmig.syncing', true) = 'capture' THEN
+    RETURN NULL;
+  END IF;
+  IF TG_OP = 'DELETE' THEN
+    v_id := OLD.id; v_before := OLD.images;
+  ELSE
+    v_id := NEW.id; v_after := NEW.images;
+    IF TG_OP = 'UPDATE' THEN v_before := OLD.images; END IF;
+  END IF;
+  v_op := CASE TG_OP WHEN 'INSERT' THEN 'inserted' WHEN 'UPDATE' THEN 'updated'
+                     ELSE 'deleted' END;
+  v_source := imgmig.current_source();
+  PERFORM set_config('search_path', format('pg_catalog, %I, pg_temp', TG_TABLE_SCHEMA), true);
+  INSERT INTO image_events (aggregateid, type, payload, tenant, source)
+  VALUES (v_id::text, 'images.' || v_op,
+          jsonb_build_object('op', v_op, 'before', v_before, 'after', v_after),
+          TG_TABLE_SCHEMA, v_source);
+  IF TG_OP <> 'DELETE' THEN
+    BEGIN
+      v_problems := imgmig.images_problems(v_after);
+    EXCEPTION WHEN OTHERS THEN
+      v_problems := ARRAY['unchecked: ' || SQLERRM];
+    END;
+    IF v_problems IS NOT NULL THEN
+      INSERT INTO image_events (aggregateid, type, payload, tenant, source)
+      VALUES (v_id::text, 'images.malformed',
+              jsonb_build_object('problems', to_jsonb(v_problems), 'original', v_after),
+              TG_TABLE_SCHEMA, v_source);
+    END IF;
+  END IF;
+  RETURN NULL;
+END
+$$;
+
 -- Reverse sync, on product_images in stage 'table': every statement rewrites the
 -- products.images of the products it touched through the canonical mapping, so old app
 -- instances and an instant rollback to a JSONB stage see every change. The capture
