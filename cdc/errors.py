@@ -324,6 +324,21 @@ class LabelConflictError(ImageServiceError):
 
 
 @dataclass(eq=False)
+class MalformedImagesError(ImageServiceError):
+    """The product's JSONB images value is not an array: rewriting it could lose data."""
+
+    tenant: str
+    product_id: int
+    kind: str
+
+    def message(self) -> str:
+        return (
+            f"product {self.product_id} has images of JSON type {self.kind}, not an array; "
+            "repair it before editing (the original is kept in the event log)"
+        )
+
+
+@dataclass(eq=False)
 class InvalidApiKeyError(ImgmigError):
     """A request without an API key, or with one we do not know."""
 

@@ -49,6 +49,7 @@ STATUS: dict[type[errors.ImgmigError], int] = {
     errors.LabelConflictError: 409,
     errors.PhotoLimitError: 409,
     errors.NotMigratedError: 409,
+    errors.MalformedImagesError: 409,
     errors.InvalidImageError: 422,
     errors.NotAPermutationError: 422,
 }

@@ -17,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
+import structlog
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from cdc.errors import (
@@ -38,6 +40,7 @@ _STAGE = text("SELECT stage FROM imgmig.tenant_state WHERE tenant = :tenant")
 _STAGE_LOCKED = text("SELECT stage FROM imgmig.tenant_state WHERE tenant = :tenant FOR KEY SHARE")
 _SOURCE = text("SELECT set_config('imgmig.source', 'service', true)")
 TABLE_STAGES = (Stage.TABLE, Stage.CONTRACTED)
+log = structlog.get_logger(__name__)
 
 Change = Callable[[list[ImageView]], list[ImageView]]
 
@@ -187,9 +190,14 @@ class ProductImageService:
     def _shadow(self, product_id: int, served: list[ImageView]) -> None:
         """Compare with the table in a savepoint: a failing shadow read never fails the
         served one."""
-        with self.session.begin_nested():
-            rows = TableStore(self.session, self.tenant).rows(product_id)
-            shadow.record(self.session, self.tenant, product_id, shadow.compare(served, rows))
+        try:
+            with self.session.begin_nested():
+                rows = TableStore(self.session, self.tenant).rows(product_id)
+                diff = shadow.compare(served, rows)
+                shadow.record(self.session, self.tenant, product_id, diff)
+        except SQLAlchemyError as exc:
+            log.warning("shadow read failed", tenant=self.tenant, product_id=product_id,
+                        error=str(exc).splitlines()[0])  # fmt: skip
 
     def _product_of(self, image_id: int) -> int:
         found = product_of_fallback(image_id) if image_id < 0 else None

@@ -17,7 +17,7 @@ from sqlalchemy import Table, bindparam, delete, func, insert, select, text, upd
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from cdc.errors import ProductNotFoundError
+from cdc.errors import MalformedImagesError, ProductNotFoundError
 from services.image_types import ImageView, fallback_id
 from services.models import Product, ProductImage
 
@@ -176,7 +176,10 @@ class JsonbStore:
         current = self.session.execute(
             select(PRODUCTS.c.images).where(PRODUCTS.c.id == product_id)
         ).scalar_one()
-        unreadable = [e for e in current if not _readable(e)] if isinstance(current, list) else []
+        if current is not None and not isinstance(current, list):
+            kind = "object" if isinstance(current, dict) else type(current).__name__
+            raise MalformedImagesError(tenant=self.tenant, product_id=product_id, kind=kind)
+        unreadable = [e for e in current or [] if not _readable(e)]
         clear = (
             {v.id for v in before if v.is_label} if not any(v.is_label for v in after) else set()
         )

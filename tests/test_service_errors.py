@@ -11,6 +11,7 @@ from cdc.errors import (
     ImageServiceError,
     InvalidImageError,
     LabelConflictError,
+    MalformedImagesError,
     NotAPermutationError,
     PhotoLimitError,
     ProductNotFoundError,
@@ -18,7 +19,7 @@ from cdc.errors import (
 from cdc.stage import Stage
 from services.image_service import ProductImageService
 from services.image_types import ServiceSettings
-from tests.cutover_helpers import PG, bring_to, engine_for, service, snapshot
+from tests.cutover_helpers import PG, bring_to, engine_for, service, snapshot, tq
 
 T = "user_4"
 P = 3
@@ -89,4 +90,20 @@ def test_bad_input_is_typed_and_writes_nothing(
         settings = ServiceSettings(max_photos=limit)
         with pytest.raises(error, match=text), service(engine, T, settings) as svc:
             call(svc, [v.id for v in svc.list_images(P)])
+    assert snapshot(conn, T, P) == before
+
+
+def test_images_that_are_not_an_array_are_never_overwritten(conn: PG, migrated_url: str) -> None:
+    """A legacy object in products.images is read as no images, and an edit is refused
+    with a typed error instead of replacing (and losing) it."""
+    conn.execute(
+        tq("UPDATE {products} SET images = %s WHERE id = %s", T),
+        ('{"0": {"url": "https://a.example/kept.jpg"}}', P),
+    )
+    before = snapshot(conn, T, P)
+    with engine_for(migrated_url) as engine:
+        with service(engine, T) as svc:
+            assert svc.list_images(P) == []
+        with pytest.raises(MalformedImagesError, match="object"), service(engine, T) as svc:
+            svc.add_image(P, OK)
     assert snapshot(conn, T, P) == before

@@ -121,3 +121,18 @@ def test_a_fallback_id_still_finds_its_image_once_the_row_exists(
             svc.delete_image(old[0].id)
             assert [v.url for v in svc.list_images(13)] == [v.url for v in old[1:]]
     assert out_of_sync(conn, T) == []
+
+
+def test_a_failing_shadow_read_never_fails_the_served_read(conn: PG, migrated_url: str) -> None:
+    """If the shadow side errors (here: its counter table is gone), JSONB is still served,
+    the caller's transaction stays usable, and the failure is logged."""
+    bring_to(conn, T, Stage.SHADOW_READ)
+    conn.execute("ALTER TABLE imgmig.shadow_stats RENAME TO shadow_stats_away")
+    with engine_for(migrated_url) as engine, capture_logs() as logs:
+        with service(engine, T) as svc:
+            served = svc.list_images(14)
+            svc.add_image(14, {"url": "https://cdn.example/after.jpg", "mime_type": "image/jpeg"})
+        with service(engine, T) as svc:
+            assert len(svc.list_images(14)) == len(served) + 1
+    assert served
+    assert any(e["event"] == "shadow read failed" for e in logs)
