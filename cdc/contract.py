@@ -54,7 +54,7 @@ _ARCHIVE_DDL = sql.SQL(
 @dataclass(frozen=True, kw_only=True)
 class ContractOptions:
     min_table_age: timedelta = timedelta(hours=1)
-    batch_size: int = 2000
+    batch_size: int = 500
     policy: LockPolicy = DEFAULT_POLICY
 
 
@@ -70,15 +70,23 @@ def readiness(conn: Conn, tenant: str, min_table_age: timedelta) -> list[str]:
     problem = cutover.verify_problem(conn, tenant)
     if problem:
         reasons.append(f"{problem} (run `imgmig verify` or `imgmig reconcile`)")
-    readers = conn.execute(
+    reasons.extend(
+        f"instance {instance} still reads JSONB (stage {stage})"
+        for instance, stage in jsonb_readers(conn, tenant)
+    )
+    return reasons
+
+
+def jsonb_readers(conn: Conn, tenant: str) -> list[tuple[str, str]]:
+    """(instance, stage) of service instances that recently served ``tenant`` from JSONB."""
+    rows = conn.execute(
         sql.SQL(
             "SELECT instance, stage FROM {} WHERE tenant = %s AND stage = ANY(%s) "
             "AND seen_at > now() - %s ORDER BY instance"
         ).format(sql.Identifier(CONTROL_SCHEMA, "reader_heartbeats")),
         (tenant, list(JSONB_READING_STAGES), HEARTBEAT_FRESH),
     ).fetchall()
-    reasons.extend(f"instance {r[0]} still reads JSONB (stage {r[1]})" for r in readers)
-    return reasons
+    return [(str(r[0]), str(r[1])) for r in rows]
 
 
 def has_images_column(conn: Conn, tenant: str) -> bool:
@@ -147,46 +155,46 @@ def rebuild_jsonb(conn: Conn, tenant: str, *, batch_size: int, use_archive: bool
     hash as the rows (the product did not change since the contract), the archived bytes
     are restored as they were, legacy quirks (missing or duplicate ``order``) included;
     otherwise the canonical JSONB built from the rows is written.
+
+    Each batch, in one transaction:
+    1. lock the batch's products (``FOR NO KEY UPDATE``): writers of those products wait,
+       and writes committed before the lock are visible to the next statement;
+    2. rebuild in a *second* statement, so its snapshot is taken after the lock (a STABLE
+       function in the locking statement would read rows as of before the wait);
+    3. mark the write as derived from the rows (``imgmig.syncing = 'reverse'``), so the
+       capture trigger does not project it back into the table.
     """
-    stmt = (_REBUILD_WITH_ARCHIVE if use_archive else _REBUILD).format(
+    lock = _LOCK_BATCH.format(products=sql.Identifier(tenant, "products"))
+    rebuild = (_REBUILD_WITH_ARCHIVE if use_archive else _REBUILD).format(
         products=sql.Identifier(tenant, "products"), archive=ARCHIVE
     )
     after, total = 0, 0
     while True:
         with conn.transaction():
-            conn.execute("SELECT set_config('imgmig.syncing', 'on', true)")
-            row = conn.execute(stmt, {"after": after, "n": batch_size, "tenant": tenant}).fetchone()
-        if row is None or row[0] is None:
-            return total
-        after, total = int(row[0]), total + int(row[1])
+            conn.execute("SELECT set_config('imgmig.syncing', 'reverse', true)")
+            conn.execute("SELECT set_config('imgmig.source', 'reconcile', true)")
+            ids = [int(r[0]) for r in conn.execute(lock, {"after": after, "n": batch_size})]
+            if not ids:
+                return total
+            conn.execute(rebuild, {"ids": ids, "tenant": tenant})
+        after, total = ids[-1], total + len(ids)
 
 
-_BATCH = """WITH batch AS (
-        SELECT id FROM {products} WHERE id > %(after)s ORDER BY id LIMIT %(n)s
-        FOR NO KEY UPDATE
-    ), rebuilt AS (
-        SELECT r.product_id, r.images
-          FROM imgmig.rows_images(%(tenant)s, ARRAY(SELECT id FROM batch)) r
-    )"""
+_LOCK_BATCH = sql.SQL(
+    "SELECT id FROM {products} WHERE id > %(after)s ORDER BY id LIMIT %(n)s FOR NO KEY UPDATE"
+)
 _REBUILD = sql.SQL(
-    _BATCH
-    + """, upd AS (
-        UPDATE {products} p SET images = r.images FROM rebuilt r
-         WHERE p.id = r.product_id AND p.images IS DISTINCT FROM r.images
-    )
-    SELECT max(id), count(*) FROM batch"""
+    """UPDATE {products} p SET images = r.images
+         FROM imgmig.rows_images(%(tenant)s, %(ids)s) r
+        WHERE p.id = r.product_id AND p.images IS DISTINCT FROM r.images"""
 )
 _REBUILD_WITH_ARCHIVE = sql.SQL(
-    _BATCH
-    + """, upd AS (
-        UPDATE {products} p
-           SET images = CASE WHEN imgmig.images_hash(a.images) = imgmig.images_hash(r.images)
-                             THEN a.images ELSE r.images END
-          FROM rebuilt r
-          LEFT JOIN {archive} a ON a.tenant = %(tenant)s AND a.product_id = r.product_id
-         WHERE p.id = r.product_id
-    )
-    SELECT max(id), count(*) FROM batch"""
+    """UPDATE {products} p
+          SET images = CASE WHEN imgmig.images_hash(a.images) = imgmig.images_hash(r.images)
+                            THEN a.images ELSE r.images END
+         FROM imgmig.rows_images(%(tenant)s, %(ids)s) r
+         LEFT JOIN {archive} a ON a.tenant = %(tenant)s AND a.product_id = r.product_id
+        WHERE p.id = r.product_id"""
 )
 
 

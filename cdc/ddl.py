@@ -10,8 +10,9 @@ way, so the operator knows whom to talk to.
 from __future__ import annotations
 
 import random
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from psycopg import errors, sql
@@ -40,6 +41,24 @@ class LockPolicy:
 DEFAULT_POLICY = LockPolicy()
 
 
+@dataclass
+class LockWaits:
+    """The longest time a DDL statement of this process took to get its lock and run,
+    retries included: what the demo reports as "longest lock wait"."""
+
+    longest_s: float = 0.0
+    statement: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, seconds: float, statement: str) -> None:
+        with self._lock:
+            if seconds > self.longest_s:
+                self.longest_s, self.statement = seconds, statement
+
+
+LOCK_WAITS = LockWaits()
+
+
 def run_ddl(
     conn: Conn,
     stmt: Query,
@@ -53,6 +72,7 @@ def run_ddl(
     (each attempt is its own transaction). ``schema`` narrows the blocker report.
     """
     previous = conn.execute("SELECT current_setting('lock_timeout')").fetchone()
+    started = time.monotonic()
     for attempt in range(1, policy.attempts + 1):
         try:
             with conn.transaction():
@@ -62,6 +82,7 @@ def run_ddl(
                 conn.execute(stmt)
                 # SET LOCAL outlives a released savepoint: put the caller's value back.
                 conn.execute("SELECT set_config('lock_timeout', %s, true)", previous)
+            LOCK_WAITS.record(time.monotonic() - started, stmt.as_string(conn)[:120])
             return
         except errors.LockNotAvailable as exc:
             if attempt == policy.attempts:

@@ -1,32 +1,67 @@
-"""``imgmig demo``: the main job, on the embedded PostgreSQL by default.
+"""``imgmig demo``: the whole migration under live traffic, on the embedded PostgreSQL.
 
-Today it proves the foundation end to end:
-1. start (or reuse) the embedded server whose data lives in ``.imgmig/pgdata``;
-2. seed the StoFlow-like tenants, unless the same seed is already there;
-3. run the expand migration on every tenant (idempotent);
-4. print tenants, products, images and stages, and check the totals.
+1. start (or reuse) the embedded server whose data lives in ``.imgmig/pgdata``, and seed
+   the StoFlow-like tenants (reseeding when a previous run left them migrated);
+2. start live traffic: a legacy writer (raw JSONB), a service writer and an API writer
+   (a real uvicorn server), each recording its writes in an independent ledger;
+3. run the deploy sequence: expand → dual_write → backfill → verify → shadow_read →
+   table (canary first); retire the legacy writer; contract;
+4. round trip: the restoring downgrade, a verify, and the contract again;
+5. stop the traffic and report: images before/after, lost/duplicate/misordered images
+   against the ledger, drift, labels in marketplace payloads, label precision/recall,
+   the longest DDL lock wait, write p50/p99 per phase. Exit 0 only if there is no loss,
+   no drift and no label in any payload.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+import httpx
 import structlog
+import uvicorn
 
-from cdc import migrate, seed, status
-from cdc.db import connect
+from cdc import deploy, migrate, reconcile, seed
+from cdc.db import Conn, connect
+from cdc.ddl import LOCK_WAITS
+from cdc.demo_report import (
+    Comparison,
+    LabelMetrics,
+    Published,
+    compare,
+    initial_ledger,
+    label_metrics,
+    published_labels,
+)
+from cdc.errors import DeployStoppedError
 from cdc.server import Server, check_reachable, start_embedded, stop_embedded
+from cdc.tenants import resolve
+from cdc.traffic import Ledger, LegacyWriter, Phase, Stats, Writer
+from cdc.traffic_new_code import ApiWriter, ServiceWriter
+from services import api_keys
+from services.api import create_app
 
 log = structlog.get_logger(__name__)
+
+Say = Callable[[str], None]
 
 
 @dataclass
 class DemoResult:
-    server_kind: str
-    reused_seed: bool
-    summaries: list[status.TenantSummary]
+    reseeded: bool
+    images_before: int = 0
+    table: Comparison = field(default_factory=Comparison)
+    drift: int = -1
+    labels: LabelMetrics = field(default_factory=lambda: LabelMetrics(0, 0, 0))
+    published: Published = field(default_factory=lambda: Published(0, 0, 0))
+    stats: Stats = field(default_factory=Stats)
+    longest_lock_wait_s: float = 0.0
+    longest_lock_statement: str = ""
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -48,31 +83,131 @@ def demo_server(url: str | None) -> Iterator[Server]:
         stop_embedded(handle)
 
 
-def run(url: str, config: seed.SeedConfig, *, reseed: bool = False) -> DemoResult:
-    """Seed (or reuse), upgrade, summarise, and check the totals."""
+def prepare(url: str, config: seed.SeedConfig, *, reseed: bool) -> bool:
+    """Seed unless a fresh, unmigrated seed with the same parameters is there."""
     with connect(url) as conn:
-        reused = not reseed and seed.seeded_with(conn) == asdict(config)
-        if reused:
-            log.info("reusing seeded data", **asdict(config))
-        else:
-            seed.seed(conn, config, reset=True, url=url, jobs=2)
-    migrate.upgrade(url)
+        fresh = seed.seeded_with(conn) == asdict(config) and not _migrated(conn)
+        if fresh and not reseed:
+            log.info("reusing the seeded data", **asdict(config))
+            return False
+        seed.seed(conn, config, reset=True, url=url, jobs=2)
+    return True
+
+
+def _migrated(conn: Conn) -> bool:
+    row = conn.execute("SELECT to_regclass('imgmig.tenant_state') IS NOT NULL").fetchone()
+    return bool(row and row[0])
+
+
+class ApiServer:
+    """The HTTP API on a free local port, in a thread (uvicorn, real HTTP)."""
+
+    def __init__(self, url: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(create_app(url), host="127.0.0.1", port=self.port,
+                                log_config=None, log_level="warning")  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def run(url: str, config: seed.SeedConfig, *, reseed: bool = False, say: Say = print) -> DemoResult:
+    """The whole demo against ``url``; see the module docstring for the steps."""
+    result = DemoResult(reseeded=prepare(url, config, reseed=reseed))
+    migrate.upgrade(url)  # expand, so the API's key table and the stage rows exist
     with connect(url) as conn:
-        summaries = status.summarize(conn)
-    result = DemoResult(server_kind="", reused_seed=reused, summaries=summaries)
-    result.failures = check(summaries, config)
+        tenants = [t for t in resolve(conn, None) if t != seed.TEMPLATE_TENANT]
+        ledger = initial_ledger(conn, tenants)
+        keys = {t: api_keys.create_key(conn, t, actor="demo") for t in tenants}
+        conn.commit()
+    result.images_before = sum(len(e.urls) for e in ledger.entries.values())
+    phase, stats = Phase(), result.stats
+    common = {"url": url, "ledger": ledger, "phase": phase, "stats": stats}
+    with ApiServer(url) as base, httpx.Client(base_url=base, timeout=30) as client:
+        legacy = LegacyWriter(name_="legacy", seed=1, **common)  # type: ignore[arg-type]
+        new_code: list[Writer] = [
+            ServiceWriter(name_="service", seed=2, **common),  # type: ignore[arg-type]
+            ApiWriter(name_="api", seed=3, client=client, keys=keys, **common),  # type: ignore[arg-type]
+        ]
+        for writer in (legacy, *new_code):
+            writer.start()
+        try:
+            _migrate(url, phase, legacy, say)
+        finally:
+            for writer in (legacy, *new_code):
+                writer.stop.set()
+            for writer in (legacy, *new_code):
+                writer.join(timeout=30)
+    _check(url, result, ledger, tenants, say)
     return result
 
 
-def check(summaries: list[status.TenantSummary], config: seed.SeedConfig) -> list[str]:
-    """What must hold after the foundation steps; empty means all good."""
-    failures = []
-    total = sum(s.products for s in summaries)
-    if total != config.products:
-        failures.append(f"expected {config.products} products, found {total}")
-    for s in summaries:
-        if s.table_images is None:
-            failures.append(f"{s.tenant}: product_images missing")
-        if s.stage == "not migrated":
-            failures.append(f"{s.tenant}: no stage row")
-    return failures
+def _migrate(url: str, phase: Phase, legacy: LegacyWriter, say: Say) -> None:
+    def on_step(tenant: str, step: deploy.Step) -> None:
+        phase.set(step.value)
+        say(f"  ✓ {tenant}: {step.value}")
+
+    options = deploy.DeployOptions(
+        canary=("user_5",), shadow_wait_s=60, contract_min_table_age_s=0,
+        reason="imgmig demo",
+    )  # fmt: skip
+    phase.set("expand")
+    say("deploy: expand → dual_write → backfill → verify → shadow_read → table")
+    with contextlib.suppress(DeployStoppedError):  # stops before contract: expected
+        deploy.run(url, None, options, on_step=on_step)
+    say("retiring the legacy app instances (all tenants read the table)")
+    legacy.stop.set()
+    legacy.join(timeout=30)
+    phase.set("contract")
+    say("deploy: contract (archive, drop products.images)")
+    confirmed = deploy.DeployOptions(**{**options.__dict__, "confirm_contract": True})
+    deploy.run(url, None, confirmed, on_step=on_step)
+    phase.set("downgrade")
+    say("round trip: restoring downgrade (products.images rebuilt from product_images)")
+    migrate.downgrade(url, migrate.EXPAND)
+    phase.set("verify")
+    _ = reconcile.run(url, None, mode="verify")
+    phase.set("upgrade")
+    say("round trip: contract again")
+    migrate.upgrade(url, revision=migrate.CONTRACT, options={"contract_min_table_age": "0"})
+    phase.set("after")
+
+
+def _check(url: str, result: DemoResult, ledger: Ledger, tenants: list[str], say: Say) -> None:
+    say("checking against the traffic ledger …")
+    with connect(url) as conn:
+        result.table = compare(conn, ledger, tenants, side="table")
+        result.labels = label_metrics(conn, ledger, tenants)
+        row = conn.execute(
+            "SELECT coalesce(sum(drift_total), 0) FROM (SELECT DISTINCT ON (tenant) drift_total "
+            "FROM imgmig.verify_runs ORDER BY tenant, id DESC) v"
+        ).fetchone()
+        result.drift = int(row[0]) if row else -1
+    result.published = published_labels(url, ledger, tenants)
+    result.longest_lock_wait_s = LOCK_WAITS.longest_s
+    result.longest_lock_statement = LOCK_WAITS.statement
+    result.failures = failures(result)
+
+
+def failures(result: DemoResult) -> list[str]:
+    """Why the demo fails; empty when every check holds."""
+    out = []
+    if not result.table.clean:
+        out.append(f"table differs from the ledger: {result.table.examples[:2]}")
+    if result.drift != 0:
+        out.append(f"drift after the round trip: {result.drift}")
+    if result.published.flagged_labels or result.published.real_labels:
+        out.append(f"labels in marketplace payloads: {asdict(result.published)}")
+    return out

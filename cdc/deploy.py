@@ -18,7 +18,7 @@ from enum import StrEnum
 import structlog
 from psycopg import sql
 
-from cdc import backfill, cutover, migrate, reconcile
+from cdc import backfill, contract, cutover, migrate, reconcile
 from cdc import stage as stage_mod
 from cdc.backfill import BackfillConfig, Progress
 from cdc.db import Conn, connect
@@ -45,6 +45,7 @@ class DeployOptions:
     canary: tuple[str, ...] = ()
     confirm_contract: bool = False
     shadow_wait_s: float = 60.0
+    reader_wait_s: float = 15.0
     contract_min_table_age_s: float = 3600.0
     reason: str = "imgmig deploy"
     backfill: BackfillConfig = field(default_factory=BackfillConfig)
@@ -118,6 +119,7 @@ def run(
         names = resolve(conn, tenants)
     canaries = [t for t in names if t in options.canary]
     rest = [t for t in names if t not in options.canary]
+
     def step_done(tenant: str, step: Step) -> None:
         log.info("deploy step done", tenant=tenant, step=step.value)
         if on_step is not None:
@@ -165,15 +167,28 @@ class _Runner:
         elif step is Step.VERIFY:
             self._verify(tenant)
         elif step is Step.TABLE:
-            self._wait_for_shadow(tenant)
-            self._stage(tenant, Stage.TABLE)
+            if self._empty(tenant):  # nothing to read, so no shadow period to wait for
+                self._stage(tenant, Stage.TABLE, force_why="empty tenant: nothing to shadow-read")
+            else:
+                self._wait_for_shadow(tenant)
+                self._stage(tenant, Stage.TABLE)
         else:
             self._stage(tenant, Stage(step.value))
 
-    def _stage(self, tenant: str, target: Stage) -> None:
+    def _stage(self, tenant: str, target: Stage, *, force_why: str | None = None) -> None:
+        reason = f"{self.options.reason}: {force_why}" if force_why else self.options.reason
         with connect(self.url) as conn:
-            cutover.change_stage(conn, tenant, target, reason=self.options.reason)
+            cutover.change_stage(conn, tenant, target, reason=reason, force=force_why is not None)
             conn.commit()
+
+    def _empty(self, tenant: str) -> bool:
+        with connect(self.url, autocommit=True) as conn:
+            row = conn.execute(
+                sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(
+                    sql.Identifier(tenant, "products")
+                )
+            ).fetchone()
+        return bool(row and row[0])
 
     def _verify(self, tenant: str) -> None:
         """Reconcile (repairing drift), then a read-only verify that must come out clean."""
@@ -195,12 +210,24 @@ class _Runner:
                 raise DeployStoppedError(tenant=tenant, step="table", why=problem)
             time.sleep(0.5)
 
+    def _wait_for_readers(self, tenants: list[str]) -> None:
+        """Services pick up a stage change within a second; give their heartbeats time to
+        say so before the contract's guard looks for JSONB readers."""
+        deadline = time.monotonic() + self.options.reader_wait_s
+        while time.monotonic() < deadline:
+            with connect(self.url, autocommit=True) as conn:
+                readers = [r for t in tenants for r in contract.jsonb_readers(conn, t)]
+            if not readers:
+                return
+            time.sleep(0.5)
+
     def _contract(self, tenants: list[str]) -> None:
         if not self.options.confirm_contract:
             raise DeployStoppedError(
                 tenant=", ".join(tenants), step="contract",
                 why="dropping products.images needs --confirm-contract",
             )  # fmt: skip
+        self._wait_for_readers(tenants)
         migrate.upgrade(
             self.url, tenants=tenants, revision=migrate.CONTRACT,
             options={"contract_min_table_age": str(self.options.contract_min_table_age_s)},

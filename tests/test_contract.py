@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import psycopg
@@ -11,7 +13,7 @@ from structlog.testing import capture_logs
 
 from cdc import backfill, cutover, migrate, reconcile
 from cdc.backfill import BackfillConfig, Batch, TenantResult
-from cdc.contract import restore_archive
+from cdc.contract import rebuild_jsonb, restore_archive
 from cdc.errors import ContractRefusedError
 from cdc.stage import Stage
 from cdc.tenants import discover
@@ -168,3 +170,51 @@ def test_archive_restore_puts_back_archived_jsonb(migrated_url: str) -> None:
         assert restore_archive(conn, "user_5") == 3
         conn.commit()
     assert images_by_product(migrated_url, ["user_5"]) == before
+
+
+def test_rebuild_waits_for_a_concurrent_writer_and_never_resurrects(migrated_url: str) -> None:
+    """A table write committed while a restore batch waits for its lock is kept: the batch
+    rebuilds from rows read after the lock, and its JSONB is not projected back."""
+    to_table(migrated_url, ["user_5"])
+    migrate.upgrade(migrated_url, tenants=["user_5"], revision=migrate.CONTRACT, options=NOW)
+    migrate.downgrade(migrated_url, migrate.EXPAND, tenants=["user_5"])
+    writer = psycopg.connect(migrated_url)
+    gone = writer.execute(
+        'SELECT url FROM user_5.product_images WHERE product_id = 1 ORDER BY "order" LIMIT 1'
+    ).fetchone()
+    assert gone is not None
+    writer.execute("SELECT id FROM user_5.products WHERE id = 1 FOR UPDATE")
+    writer.execute(
+        "DELETE FROM user_5.product_images WHERE product_id = 1 AND url = %s", (gone[0],)
+    )
+    done = threading.Event()
+
+    def restore() -> None:
+        with psycopg.connect(migrated_url, autocommit=True) as conn:
+            rebuild_jsonb(conn, "user_5", batch_size=10, use_archive=True)
+        done.set()
+
+    thread = threading.Thread(target=restore)
+    thread.start()
+    with psycopg.connect(migrated_url, autocommit=True) as watch:
+        for _ in range(100):
+            waiting = watch.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%FOR NO KEY UPDATE%'"
+            ).fetchone()
+            if waiting and waiting[0]:
+                break
+            time.sleep(0.05)
+    assert not done.is_set(), "the batch waits for the writer's lock"
+    writer.commit()
+    writer.close()
+    thread.join(timeout=30)
+    with psycopg.connect(migrated_url) as conn:
+        rows = conn.execute(
+            "SELECT count(*) FROM user_5.product_images WHERE product_id = 1 AND url = %s",
+            (gone[0],),
+        ).fetchone()
+        images = conn.execute("SELECT images FROM user_5.products WHERE id = 1").fetchone()
+    assert rows == (0,), "the deleted image was not resurrected in the table"
+    assert images is not None
+    assert gone[0] not in [e["url"] for e in images[0]]

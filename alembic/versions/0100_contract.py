@@ -34,7 +34,7 @@ depends_on: str | Sequence[str] | None = None
 def _options() -> ContractOptions:
     return ContractOptions(
         min_table_age=timedelta(seconds=float(x_option("contract_min_table_age", "3600"))),
-        batch_size=int(x_option("restore_batch_size", "2000")),
+        batch_size=int(x_option("restore_batch_size", "500")),
         policy=lock_policy(),
     )
 
