@@ -7,7 +7,8 @@
 * ``shadow_read`` needs ``imgmig.backfill_state.status = 'done'`` and a clean latest verify;
 * ``table`` needs a clean latest verify and a shadow period (``imgmig.shadow_stats``, reset
   when the tenant enters ``shadow_read``) with reads and zero mismatches;
-* ``contracted`` needs a clean latest verify;
+* ``contracted`` needs a clean latest verify and the JSONB column gone: the contract
+  migration (``cdc.contract``) archives and drops it and sets the stage itself;
 * going back to ``dual_write``, ``shadow_read`` or ``table`` is always allowed: JSONB holds
   every image in those stages (capture, or the reverse trigger in ``table``);
 * going back to ``jsonb`` needs ``force``: the table stops following JSONB, so the
@@ -154,6 +155,9 @@ def _forward_guards(conn: Conn, tenant: str, target: Stage) -> list[str]:
         problem = shadow_problem(conn, tenant)
         if problem:
             failures.append(problem)
+    if target is Stage.CONTRACTED and jsonb_column_exists(conn, tenant):
+        # Without triggers, old instances' JSONB writes would no longer reach the table.
+        failures.append("the JSONB column still exists: the contract migration sets contracted")
     return failures
 
 

@@ -209,3 +209,13 @@ def test_kill_switch_moves_the_others_when_one_tenant_is_stuck(conn: PG, migrate
     assert "lock_timeout" in moves["user_2"].error
     assert stage_mod.get(conn, "user_1").stage is Stage.DUAL_WRITE
     assert stage_mod.get(conn, "user_2").stage is Stage.TABLE
+
+
+def test_contracted_is_left_to_the_contract_migration(conn: PG) -> None:
+    """flag set contracted is refused while products.images exists, even with a clean
+    verify: without triggers, old instances' JSONB writes would be lost."""
+    move(conn, T, Stage.TABLE)
+    record_verify(conn, T)
+    with pytest.raises(GuardRefusedError, match="contract migration sets contracted"):
+        _change(conn, "contracted")
+    assert stage_mod.get(conn, T).stage is Stage.TABLE
