@@ -172,8 +172,7 @@ def test_bad_input_maps_to_a_status_and_writes_nothing(
 def test_a_flag_change_reaches_the_running_app_and_its_heartbeat(
     client: TestClient, conn: PG
 ) -> None:
-    """After a flag flip the running app serves the new stage (no restart) and its
-    heartbeat row says which stage it reads in."""
+    """A flag flip reaches the running app without restart and shows in its heartbeat."""
     assert client.get(IMAGES).json()["stage"] == "jsonb"
     bring_to(conn, T, Stage.TABLE)
     for _ in range(100):

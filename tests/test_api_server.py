@@ -34,8 +34,7 @@ def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 def test_imgmig_serve_answers_with_key_checks(migrated_url: str, tmp_path: Path) -> None:
-    """The served API lists images for its key's tenant, refuses another key's tenant,
-    and serves its OpenAPI."""
+    """imgmig serve answers over TCP: own tenant 200, other tenant 403, OpenAPI served."""
     with psycopg.connect(migrated_url) as conn:
         key = api_keys.create_key(conn, "user_1")
     port = _free_port()

@@ -79,8 +79,7 @@ def _true_photos(images: list[str], label: str | None) -> list[str]:
 def test_whole_seed_at_stage_table_has_no_label_and_every_photo(
     conn: PG, migrated_url: str
 ) -> None:
-    """Every product of every tenant at stage table: 0 labels in 100% of the Vinted and
-    eBay payloads, and every true photo present in order (against the seed's truth)."""
+    """At stage table, no payload has a label and each has every true photo in order."""
     checked = labelled = 0
     with engine_for(migrated_url) as engine:
         for tenant in TENANTS:
@@ -106,8 +105,7 @@ def test_whole_seed_at_stage_table_has_no_label_and_every_photo(
 
 
 def test_converters_follow_the_flag_in_a_jsonb_stage(conn: PG, migrated_url: str) -> None:
-    """In dual_write a label known only to the table (detected, not in JSONB) is still
-    left out, and a label set through the service in JSONB is left out after rollback."""
+    """In a JSONB stage, table-only and JSONB-set labels are both left out."""
     tenant = "user_1"
     bring_to(conn, tenant, Stage.DUAL_WRITE)
     mark_true_labels(conn, tenant)

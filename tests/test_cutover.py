@@ -196,8 +196,7 @@ def test_stage_cache_ttl_is_at_most_one_second() -> None:
 
 
 def test_kill_switch_moves_the_others_when_one_tenant_is_stuck(conn: PG, migrated_url: str) -> None:
-    """A tenant whose triggers cannot be swapped (a lock held elsewhere) is reported with
-    its error and keeps its stage; every other tenant is still moved."""
+    """A tenant stuck on a lock is reported and kept; the kill switch moves the others."""
     move(conn, "user_1", Stage.TABLE)
     move(conn, "user_2", Stage.TABLE)
     with psycopg.connect(migrated_url) as blocker:
@@ -212,8 +211,7 @@ def test_kill_switch_moves_the_others_when_one_tenant_is_stuck(conn: PG, migrate
 
 
 def test_contracted_is_left_to_the_contract_migration(conn: PG) -> None:
-    """flag set contracted is refused while products.images exists, even with a clean
-    verify: without triggers, old instances' JSONB writes would be lost."""
+    """flag set contracted is refused while products.images still exists."""
     move(conn, T, Stage.TABLE)
     record_verify(conn, T)
     with pytest.raises(GuardRefusedError, match="contract migration sets contracted"):

@@ -94,8 +94,7 @@ def test_bad_input_is_typed_and_writes_nothing(
 
 
 def test_images_that_are_not_an_array_are_never_overwritten(conn: PG, migrated_url: str) -> None:
-    """A legacy object in products.images is read as no images, and an edit is refused
-    with a typed error instead of replacing (and losing) it."""
+    """A non-array images value reads as empty and is never overwritten by an edit."""
     conn.execute(
         tq("UPDATE {products} SET images = %s WHERE id = %s", T),
         ('{"0": {"url": "https://a.example/kept.jpg"}}', P),

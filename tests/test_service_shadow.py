@@ -17,8 +17,7 @@ T = "user_1"
 def test_shadow_read_serves_jsonb_and_logs_and_counts_a_mismatch(
     conn: PG, migrated_url: str
 ) -> None:
-    """A row missing from the table: JSONB is still served; the mismatch is logged with the
-    product and the difference, counted, and kept in shadow_mismatches."""
+    """A shadow mismatch: JSONB served; the difference logged, counted and kept."""
     bring_to(conn, T, Stage.SHADOW_READ)
     gone = conn.execute(
         tq('DELETE FROM {images} WHERE product_id = 6 AND "order" = 0 RETURNING url', T)
@@ -56,8 +55,7 @@ def test_shadow_read_notices_a_label_the_table_disagrees_with(conn: PG, migrated
 
 
 def test_fallback_ids_are_stable_without_table_rows(conn: PG, migrated_url: str) -> None:
-    """At stage jsonb (no rows yet) ids are negative, encode the product, and survive a
-    reorder; deleting by one works."""
+    """Without table rows, ids are negative, encode the product and survive a reorder."""
     with engine_for(migrated_url) as engine:
         with service(engine, T) as svc:
             views = svc.list_images(10)
@@ -109,8 +107,7 @@ def test_concurrent_edits_of_one_product_serialise(
 def test_a_fallback_id_still_finds_its_image_once_the_row_exists(
     conn: PG, migrated_url: str
 ) -> None:
-    """An id handed out at stage jsonb keeps working after the backfill gives the image a
-    row, in dual_write and in table."""
+    """A fallback id handed out at stage jsonb still works once the image has a row."""
     with engine_for(migrated_url) as engine:
         with service(engine, T) as svc:
             old = svc.list_images(13)
@@ -124,8 +121,7 @@ def test_a_fallback_id_still_finds_its_image_once_the_row_exists(
 
 
 def test_a_failing_shadow_read_never_fails_the_served_read(conn: PG, migrated_url: str) -> None:
-    """If the shadow side errors (here: its counter table is gone), JSONB is still served,
-    the caller's transaction stays usable, and the failure is logged."""
+    """A failing shadow read is logged and never fails the served read or the transaction."""
     bring_to(conn, T, Stage.SHADOW_READ)
     conn.execute("ALTER TABLE imgmig.shadow_stats RENAME TO shadow_stats_away")
     with engine_for(migrated_url) as engine, capture_logs() as logs:
