@@ -84,6 +84,7 @@ def downgrade() -> None:
                 sql.SQL(signature),
             )
             conn.execute(stmt)
+        conn.execute("DROP TYPE IF EXISTS imgmig.image_change")
         conn.execute("DROP TABLE IF EXISTS imgmig.projector_checkpoint")
 
 

@@ -108,13 +108,29 @@ BEGIN
 END
 $$;
 
--- Diff projection: make each product's rows equal the mapping of its images, in one
--- statement. Rows are matched to elements by (url, rank among equal urls); matched rows
--- keep their id and every table-only value the element does not state. When any element
--- of a product states is_label, the elements decide the label for the whole product.
--- Steps run in this order (the final SELECT reads them in turn), so the one-label index
--- never sees two labels: 1. delete unmatched rows, 2. update rows losing the label,
--- 3. update other changed rows, 4. insert new elements (only for existing products).
+-- One planned change of the diff projection: a row to delete (has_el false), a row to
+-- update (row_id and changed), or an element to insert (row_id NULL).
+DO $$
+BEGIN
+  IF to_regtype('imgmig.image_change') IS NULL THEN
+    CREATE TYPE imgmig.image_change AS (
+      pid bigint, row_id bigint, has_el boolean, unlabel boolean,
+      url text, "order" integer, is_label boolean, alt_text text, tags text[],
+      mime_type text, file_size bigint, width integer, height integer,
+      created_at timestamptz, extra jsonb);
+  END IF;
+END
+$$;
+
+-- Diff projection: make each product's rows equal the mapping of its images. Rows are
+-- matched to elements by (url, rank among equal urls); matched rows keep their id and
+-- every table-only value the element does not state. When any element of a product
+-- states is_label, the elements decide the label for the whole product.
+-- 1. plan: one statement maps the arrays, matches the rows and keeps only real changes;
+-- 2. apply, each step only when the plan has work for it, in an order that never shows
+--    the one-label index two labels: delete unmatched rows, update rows losing the
+--    label, update the other changed rows, insert new elements (of existing products).
+-- A reorder is thus two small statements; unchanged products cost one.
 CREATE OR REPLACE FUNCTION imgmig.project(p_tenant text, p_ids bigint[], p_images jsonb[])
 RETURNS integer
 LANGUAGE plpgsql
@@ -123,10 +139,11 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
   v_prev text := coalesce(current_setting('imgmig.syncing', true), '');
-  v_del bigint; v_unl bigint; v_upd bigint; v_ins bigint;
+  v_plan imgmig.image_change[];
+  v_done integer := 0;
+  v_n integer;
 BEGIN
   PERFORM set_config('search_path', format('pg_catalog, %I, pg_temp', p_tenant), true);
-  PERFORM set_config('imgmig.syncing', 'capture', true);
   WITH src AS (
     SELECT s.pid, s.img FROM unnest(p_ids, p_images) AS s(pid, img)
   ), el AS (
@@ -138,68 +155,85 @@ BEGIN
     SELECT r.*, row_number() OVER (PARTITION BY r.product_id, r.url ORDER BY r."order", r.id) AS k
       FROM product_images r WHERE r.product_id = ANY (p_ids)
   ), pair AS (
-    SELECT coalesce(e.pid, c.product_id) AS pid, c.id AS row_id, e.url IS NOT NULL AS has_el,
-           e.url, e."order",
-           CASE WHEN e.is_label IS NOT NULL THEN e.is_label
-                WHEN e.pid IN (SELECT says.pid FROM says) THEN false
-                ELSE coalesce(c.is_label, false) END AS is_label,
-           coalesce(e.alt_text, c.alt_text) AS alt_text,
-           coalesce(e.tags, c.tags, '{}') AS tags,
-           coalesce(e.mime_type, c.mime_type) AS mime_type,
-           coalesce(e.file_size, c.file_size) AS file_size,
-           coalesce(e.width, c.width) AS width,
-           coalesce(e.height, c.height) AS height,
-           coalesce(e.created_at, c.created_at, now()) AS created_at,
-           e.extra
+    SELECT c.id AS row_id, c.is_label AS old_label,
+           (c."order", c.is_label, c.alt_text, c.tags, c.mime_type, c.file_size, c.width,
+            c.height, c.created_at, c.extra) AS old,
+           ROW(coalesce(e.pid, c.product_id), c.id, e.url IS NOT NULL, false,
+               e.url, e."order",
+               CASE WHEN e.is_label IS NOT NULL THEN e.is_label
+                    WHEN e.pid IN (SELECT says.pid FROM says) THEN false
+                    ELSE coalesce(c.is_label, false) END,
+               coalesce(e.alt_text, c.alt_text),
+               coalesce(e.tags, c.tags, '{}'),
+               coalesce(e.mime_type, c.mime_type),
+               coalesce(e.file_size, c.file_size),
+               coalesce(e.width, c.width),
+               coalesce(e.height, c.height),
+               coalesce(e.created_at, c.created_at, now()),
+               e.extra)::imgmig.image_change AS ch
       FROM el e FULL JOIN cur c ON c.product_id = e.pid AND c.url = e.url AND c.k = e.k
-  ), del AS (
-    DELETE FROM product_images r USING pair p
-     WHERE NOT p.has_el AND r.id = p.row_id
-    RETURNING 1
-  ), unlabel AS (
+  )
+  SELECT array_agg(CASE WHEN p.row_id IS NOT NULL AND (p.ch).has_el
+                         AND p.old_label AND NOT (p.ch).is_label
+                        THEN ROW((p.ch).pid, (p.ch).row_id, true, true, (p.ch).url,
+                                 (p.ch)."order", false, (p.ch).alt_text, (p.ch).tags,
+                                 (p.ch).mime_type, (p.ch).file_size, (p.ch).width,
+                                 (p.ch).height, (p.ch).created_at,
+                                 (p.ch).extra)::imgmig.image_change
+                        ELSE p.ch END)
+    INTO v_plan
+    FROM pair p
+   WHERE NOT (p.ch).has_el OR p.row_id IS NULL
+      OR p.old IS DISTINCT FROM ((p.ch)."order", (p.ch).is_label, (p.ch).alt_text, (p.ch).tags,
+                                 (p.ch).mime_type, (p.ch).file_size, (p.ch).width,
+                                 (p.ch).height, (p.ch).created_at, (p.ch).extra);
+  IF v_plan IS NULL THEN
+    RETURN 0;
+  END IF;
+  PERFORM set_config('imgmig.syncing', 'capture', true);
+  IF EXISTS (SELECT 1 FROM unnest(v_plan) c WHERE NOT c.has_el) THEN
+    DELETE FROM product_images r USING unnest(v_plan) c
+     WHERE NOT c.has_el AND r.id = c.row_id;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_done := v_done + v_n;
+  END IF;
+  IF EXISTS (SELECT 1 FROM unnest(v_plan) c WHERE c.unlabel) THEN
     UPDATE product_images r
-       SET "order" = p."order", is_label = false, alt_text = p.alt_text, tags = p.tags,
-           mime_type = p.mime_type, file_size = p.file_size, width = p.width,
-           height = p.height, created_at = p.created_at, extra = p.extra,
+       SET "order" = c."order", is_label = false, alt_text = c.alt_text, tags = c.tags,
+           mime_type = c.mime_type, file_size = c.file_size, width = c.width,
+           height = c.height, created_at = c.created_at, extra = c.extra,
            label_strategy = 'explicit', label_confidence = 1, updated_at = now()
-      FROM pair p
-     WHERE p.has_el AND r.id = p.row_id AND r.is_label AND NOT p.is_label
-    RETURNING 1
-  ), upd AS (
+      FROM unnest(v_plan) c
+     WHERE c.unlabel AND r.id = c.row_id;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_done := v_done + v_n;
+  END IF;
+  IF EXISTS (SELECT 1 FROM unnest(v_plan) c WHERE c.has_el AND NOT c.unlabel
+                                               AND c.row_id IS NOT NULL) THEN
     UPDATE product_images r
-       SET "order" = p."order", is_label = p.is_label, alt_text = p.alt_text, tags = p.tags,
-           mime_type = p.mime_type, file_size = p.file_size, width = p.width,
-           height = p.height, created_at = p.created_at, extra = p.extra,
-           label_strategy = CASE WHEN p.is_label <> r.is_label THEN 'explicit'
+       SET "order" = c."order", is_label = c.is_label, alt_text = c.alt_text, tags = c.tags,
+           mime_type = c.mime_type, file_size = c.file_size, width = c.width,
+           height = c.height, created_at = c.created_at, extra = c.extra,
+           label_strategy = CASE WHEN c.is_label <> r.is_label THEN 'explicit'
                                  ELSE r.label_strategy END,
-           label_confidence = CASE WHEN p.is_label <> r.is_label THEN 1
+           label_confidence = CASE WHEN c.is_label <> r.is_label THEN 1
                                    ELSE r.label_confidence END,
            updated_at = now()
-      FROM pair p
-     WHERE p.has_el AND r.id = p.row_id AND NOT (r.is_label AND NOT p.is_label)
-       AND (r."order", r.is_label, r.alt_text, r.tags, r.mime_type, r.file_size, r.width,
-            r.height, r.created_at, r.extra)
-           IS DISTINCT FROM
-           (p."order", p.is_label, p.alt_text, p.tags, p.mime_type, p.file_size, p.width,
-            p.height, p.created_at, p.extra)
-    RETURNING 1
-  ), ins AS (
+      FROM unnest(v_plan) c
+     WHERE c.has_el AND NOT c.unlabel AND r.id = c.row_id;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_done := v_done + v_n;
+  END IF;
+  IF EXISTS (SELECT 1 FROM unnest(v_plan) c WHERE c.row_id IS NULL) THEN
     INSERT INTO product_images (product_id, url, "order", is_label, alt_text, tags, mime_type,
                                 file_size, width, height, created_at, extra,
                                 label_strategy, label_confidence)
-    SELECT p.pid, p.url, p."order", p.is_label, p.alt_text, p.tags, p.mime_type, p.file_size,
-           p.width, p.height, p.created_at, p.extra,
-           CASE WHEN p.is_label THEN 'explicit' END, CASE WHEN p.is_label THEN 1 END
-      FROM pair p
-     WHERE p.has_el AND p.row_id IS NULL
-       AND EXISTS (SELECT 1 FROM products x WHERE x.id = p.pid)
-    RETURNING 1
-  )
-  SELECT (SELECT count(*) FROM del), (SELECT count(*) FROM unlabel),
-         (SELECT count(*) FROM upd), (SELECT count(*) FROM ins)
-    INTO v_del, v_unl, v_upd, v_ins;
+    SELECT c.pid, c.url, c."order", c.is_label, c.alt_text, c.tags, c.mime_type, c.file_size,
+           c.width, c.height, c.created_at, c.extra,
+           CASE WHEN c.is_label THEN 'explicit' END, CASE WHEN c.is_label THEN 1 END
+      FROM unnest(v_plan) c
+     WHERE c.row_id IS NULL AND EXISTS (SELECT 1 FROM products x WHERE x.id = c.pid);
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_done := v_done + v_n;
+  END IF;
   PERFORM set_config('imgmig.syncing', v_prev, true);
-  RETURN v_del + v_unl + v_upd + v_ins;
+  RETURN v_done;
 END
 $$;
 

@@ -132,19 +132,26 @@ AS $$
     SELECT r.*, CASE WHEN r.is_label AND r.label_rank > 1 THEN false
                      ELSE r.is_label END AS label
       FROM ranked r
-  ), emitted AS (
-    SELECT f.*, imgmig.row_to_element(f.url, f.ord, f.label, f.alt_text, f.tags, f.mime_type,
-                                      f.file_size, f.width, f.height, f.created_at, NULL) AS em
-      FROM final f
   )
   SELECT m.url, m.ord, m.label, m.alt_text, m.tags, m.mime_type, m.file_size, m.width,
          m.height, m.created_at,
-         (SELECT coalesce(jsonb_object_agg(k.key, k.value), '{}')
-            FROM jsonb_each(m.v) AS k(key, value)
-           WHERE k.key <> 'order' AND (m.em -> k.key) IS DISTINCT FROM k.value)
-         || CASE WHEN m.v ? 'created_at' THEN '{}'::jsonb
-                 ELSE '{"$absent": ["created_at"]}'::jsonb END
-    FROM emitted m
+         CASE
+           -- fast path, the legacy shape: url, order and a canonical created_at only
+           WHEN (m.v - 'url' - 'order' - 'created_at') = '{}'
+                AND (m.v ->> 'created_at')
+                    = to_char(m.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+             THEN '{}'::jsonb
+           ELSE (SELECT coalesce(jsonb_object_agg(k.key, k.value), '{}')
+                   FROM jsonb_each(m.v) AS k(key, value)
+                  WHERE k.key <> 'order'
+                    AND (imgmig.row_to_element(m.url, m.ord, m.label, m.alt_text, m.tags,
+                                               m.mime_type, m.file_size, m.width, m.height,
+                                               m.created_at, NULL) -> k.key)
+                        IS DISTINCT FROM k.value)
+                || CASE WHEN m.v ? 'created_at' THEN '{}'::jsonb
+                        ELSE '{"$absent": ["created_at"]}'::jsonb END
+         END
+    FROM final m
    ORDER BY m.ord
 $$;
 
