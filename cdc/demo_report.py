@@ -9,13 +9,19 @@ from typing import Any
 
 from psycopg import sql
 
-from cdc.db import Conn
+from cdc.db import Conn, connect
 from cdc.tenants import TRUTH_SCHEMA
 from cdc.traffic import Entry, Key, Ledger, Stats, canonical_urls
-from services.converters import EbayProductConversionService, VintedProductConverter
+from services.converters import (
+    EbayProductConversionService,
+    ProductInfo,
+    VintedProductConverter,
+    ebay_inventory_item,
+    vinted_item,
+)
 from services.db import make_engine, tenant_session
 from services.image_service import ProductImageService
-from services.image_types import ServiceSettings
+from services.image_types import ImageView, ServiceSettings
 
 OWNERS = {0: "legacy", 1: "service", 2: "legacy", 3: "api"}
 
@@ -150,26 +156,73 @@ class Published:
     real_labels: int  # the seed's real labels found in a payload (detection misses)
 
 
+SAMPLE_THROUGH_SERVICE = 150
+
+
 def published_labels(url: str, ledger: Ledger, tenants: list[str]) -> Published:
-    """Build every product's Vinted and eBay payloads and look for labels in them."""
-    engine = make_engine(url, pool_size=1)
+    """Build every product's Vinted and eBay payloads and look for labels in them.
+
+    Every product goes through the pure converters with its rows loaded in bulk; a sample
+    also goes through ``ProductImageService`` and the converter classes (the path the app
+    takes, following the stage flag), and must give the very same payloads.
+    """
     payloads = flagged = real = 0
-    try:
+    with connect(url) as conn:
         for tenant in tenants:
-            with tenant_session(engine, tenant) as session, session.begin():
-                svc = ProductImageService(session, tenant, settings=ServiceSettings())
-                labels = {v.url for pid in _pids(ledger, tenant)
-                          for v in svc.list_images(pid) if v.is_label}  # fmt: skip
-                for pid in _pids(ledger, tenant):
-                    entry = ledger.entries[(tenant, pid)]
-                    for conv in (VintedProductConverter(svc), EbayProductConversionService(svc)):
-                        urls = _payload_urls(conv.convert(pid).payload)
-                        payloads += 1
-                        flagged += len(urls & labels)
-                        real += entry.label is not None and entry.label in urls
+            products, photos = _bulk(conn, tenant)
+            labels = {v.url for views in photos.values() for v in views if v.is_label}
+            for pid in _pids(ledger, tenant):
+                entry = ledger.entries[(tenant, pid)]
+                for conv in (vinted_item, ebay_inventory_item):
+                    urls = _payload_urls(conv(products[pid], photos.get(pid, [])).payload)
+                    payloads += 1
+                    flagged += len(urls & labels)
+                    real += entry.label is not None and entry.label in urls
+            _same_through_service(url, tenant, products, photos)
+    return Published(payloads, flagged, real)
+
+
+def _bulk(conn: Conn, tenant: str) -> tuple[dict[int, ProductInfo], dict[int, list[ImageView]]]:
+    products = {
+        int(r[0]): ProductInfo(id=int(r[0]), sku=r[1], title=r[2], brand=r[3], price=r[4])
+        for r in conn.execute(
+            sql.SQL("SELECT id, sku, title, brand, price FROM {}").format(
+                sql.Identifier(tenant, "products")
+            )
+        )
+    }
+    photos: dict[int, list[ImageView]] = {}
+    for r in conn.execute(
+        sql.SQL(
+            'SELECT id, product_id, url, "order", is_label FROM {} ORDER BY product_id, "order", id'
+        ).format(sql.Identifier(tenant, "product_images"))
+    ):
+        view = ImageView(id=r[0], product_id=r[1], url=r[2], order=r[3], is_label=r[4])
+        photos.setdefault(int(r[1]), []).append(view)
+    return products, photos
+
+
+def _same_through_service(
+    url: str,
+    tenant: str,
+    products: dict[int, ProductInfo],
+    photos: dict[int, list[ImageView]],
+) -> None:
+    engine = make_engine(url, pool_size=1)
+    try:
+        with tenant_session(engine, tenant) as session, session.begin():
+            svc = ProductImageService(session, tenant, settings=ServiceSettings())
+            for pid in sorted(products)[:SAMPLE_THROUGH_SERVICE]:
+                bulk = vinted_item(products[pid], photos.get(pid, [])).payload
+                served = VintedProductConverter(svc).convert(pid).payload
+                if _payload_urls(bulk) != _payload_urls(served):
+                    raise AssertionError(f"{tenant}/{pid}: service path differs from the rows")
+                ebay = EbayProductConversionService(svc).convert(pid).payload
+                bulk_ebay = ebay_inventory_item(products[pid], photos.get(pid, [])).payload
+                if _payload_urls(ebay) != _payload_urls(bulk_ebay):
+                    raise AssertionError(f"{tenant}/{pid}: eBay service path differs")
     finally:
         engine.dispose()
-    return Published(payloads, flagged, real)
 
 
 def _pids(ledger: Ledger, tenant: str) -> list[int]:
