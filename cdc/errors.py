@@ -386,3 +386,30 @@ class DeployStoppedError(ImgmigError):
             f"deploy stopped at step {self.step!r} for {self.tenant}: {self.why} "
             "(fix it, then rerun `imgmig deploy run` to resume)"
         )
+
+
+# --- Label evidence and review (label_evidence, label_review) ------------------------
+
+
+@dataclass(eq=False)
+class EvidenceSourceError(ImgmigError):
+    """Label evidence cannot be read: missing legacy table, or a bad CSV row."""
+
+    source: str
+    reason: str
+    exit_code: int = 4
+
+    def message(self) -> str:
+        return f"cannot import label evidence from {self.source}: {self.reason}"
+
+
+@dataclass(eq=False)
+class ReviewFileError(ImgmigError):
+    """A review file that cannot be applied: unknown format, missing column, bad value."""
+
+    path: str
+    reason: str
+    exit_code: int = 4
+
+    def message(self) -> str:
+        return f"cannot apply review file {self.path}: {self.reason}"
