@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from cdc import errors
-from cdc.cutover import StageCache
+from cdc.stage_cache import StageCache
 from services import api_keys
 from services.api_schemas import (
     ErrorOut,

@@ -13,8 +13,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from cdc.cutover import StageCache
 from cdc.errors import InvalidImageError
+from cdc.stage_cache import StageCache
 from services.heartbeat import Heartbeat
 
 DEFAULT_MIME_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})

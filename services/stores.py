@@ -42,7 +42,12 @@ class Store(Protocol):
 
 
 def lock_product(session: Session, tenant: str, product_id: int, *, lock: bool) -> None:
-    """Check the product exists; with ``lock``, take its row lock so edits serialise."""
+    """Check the product exists; with ``lock``, take its row lock so edits serialise.
+
+    ``FOR NO KEY UPDATE`` serialises edits of the product exactly like ``FOR UPDATE``
+    (and like a legacy ``UPDATE products``), but does not block the ``KEY SHARE`` lock
+    that inserting a ``product_images`` row takes for its foreign key.
+    """
     query = select(PRODUCTS.c.id).where(PRODUCTS.c.id == product_id)
     if lock:
         query = query.with_for_update(key_share=True)  # FOR NO KEY UPDATE
