@@ -8,7 +8,6 @@ import typer
 from rich.table import Table
 
 from cdc import contract, deploy
-from cdc.backfill import BackfillConfig
 from cdc.cli_common import out, url
 from cdc.db import connect
 from cdc.stage import Stage
@@ -66,7 +65,6 @@ def run(
         shadow_wait_s=shadow_wait,
         contract_min_table_age_s=contract_min_table_age,
         reason=reason,
-        backfill=BackfillConfig(),
     )
     with connect(target) as conn:
         resolve(conn, tenant)  # unknown tenants fail before anything runs

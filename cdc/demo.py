@@ -26,7 +26,7 @@ import httpx
 import structlog
 import uvicorn
 
-from cdc import deploy, migrate, reconcile, seed
+from cdc import deploy, label_evidence, migrate, reconcile, seed
 from cdc.db import Conn, connect
 from cdc.ddl import LOCK_WAITS
 from cdc.demo_report import (
@@ -131,7 +131,9 @@ def run(url: str, config: seed.SeedConfig, *, reseed: bool = False, say: Say = p
         tenants = [t for t in resolve(conn, None) if t != seed.TEMPLATE_TENANT]
         ledger = initial_ledger(conn, tenants)
         keys = {t: api_keys.create_key(conn, t, actor="demo") for t in tenants}
+        evidence = label_evidence.import_legacy(conn)  # the restored pre-2026 backup
         conn.commit()
+    say(f"imported legacy label evidence: {evidence}")
     result.images_before = sum(len(e.urls) for e in ledger.entries.values())
     phase, stats = Phase(), result.stats
     common = {"url": url, "ledger": ledger, "phase": phase, "stats": stats}

@@ -18,7 +18,7 @@ from enum import StrEnum
 import structlog
 from psycopg import sql
 
-from cdc import backfill, contract, cutover, migrate, reconcile
+from cdc import backfill, contract, cutover, labels, migrate, reconcile
 from cdc import stage as stage_mod
 from cdc.backfill import BackfillConfig, Progress
 from cdc.db import Conn, connect
@@ -48,7 +48,10 @@ class DeployOptions:
     reader_wait_s: float = 15.0
     contract_min_table_age_s: float = 3600.0
     reason: str = "imgmig deploy"
-    backfill: BackfillConfig = field(default_factory=BackfillConfig)
+    # Production deploys detect labels: explicit flags, imported legacy evidence, metadata.
+    backfill: BackfillConfig = field(
+        default_factory=lambda: BackfillConfig(label_strategies=labels.RECOMMENDED)
+    )
 
 
 @dataclass(frozen=True)
