@@ -200,7 +200,7 @@ class ProductImageService:
                         error=str(exc).splitlines()[0])  # fmt: skip
 
     def _product_of(self, image_id: int) -> int:
-        found = product_of_fallback(image_id) if image_id < 0 else None
+        found = product_of_fallback(image_id) if -(2**63) <= image_id < 0 else None
         if image_id > 0:
             found = image_product(self.session, image_id)
         if not found:

@@ -110,12 +110,15 @@ def validate_url(url: object) -> str:
     return url
 
 
-def _opt_int(data: Mapping[str, object], key: str, *, minimum: int) -> int | None:
+def _opt_int(
+    data: Mapping[str, object], key: str, *, minimum: int, maximum: int = 2**31 - 1
+) -> int | None:
     value = data.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidImageError(field=key, value=value, why=f"an integer >= {minimum} is required")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        why = f"an integer from {minimum} to {maximum} is required"
+        raise InvalidImageError(field=key, value=value, why=why)
     return value
 
 
@@ -136,7 +139,7 @@ def validate_new_image(data: Mapping[str, object], settings: ServiceSettings) ->
     if not isinstance(mime, str) or mime not in settings.allowed_mime_types:
         allowed = ", ".join(sorted(settings.allowed_mime_types))
         raise InvalidImageError(field="mime_type", value=mime, why=f"allowed: {allowed}")
-    size = _opt_int(data, "file_size", minimum=0)
+    size = _opt_int(data, "file_size", minimum=0, maximum=2**63 - 1)
     if size is not None and size > settings.max_file_size:
         why = f"larger than the maximum of {settings.max_file_size} bytes"
         raise InvalidImageError(field="file_size", value=size, why=why)

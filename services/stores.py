@@ -48,6 +48,7 @@ def lock_product(session: Session, tenant: str, product_id: int, *, lock: bool) 
     (and like a legacy ``UPDATE products``), but does not block the ``KEY SHARE`` lock
     that inserting a ``product_images`` row takes for its foreign key.
     """
+    _check_bigint(tenant, product_id)
     query = select(PRODUCTS.c.id).where(PRODUCTS.c.id == product_id)
     if lock:
         query = query.with_for_update(key_share=True)  # FOR NO KEY UPDATE
@@ -55,8 +56,16 @@ def lock_product(session: Session, tenant: str, product_id: int, *, lock: bool) 
         raise ProductNotFoundError(tenant=tenant, product_id=product_id)
 
 
+def _check_bigint(tenant: str, product_id: int) -> None:
+    """An id no bigint column can hold names no product (and must not reach SQL)."""
+    if not -(2**63) <= product_id < 2**63:
+        raise ProductNotFoundError(tenant=tenant, product_id=product_id)
+
+
 def image_product(session: Session, image_id: int) -> int | None:
     """The product of a ``product_images`` row, or None."""
+    if not 0 < image_id < 2**63:
+        return None
     row = session.execute(select(IMAGES.c.product_id).where(IMAGES.c.id == image_id)).first()
     return None if row is None else int(row[0])
 
@@ -148,6 +157,7 @@ class JsonbStore:
         self.table = TableStore(session, tenant)
 
     def load(self, product_id: int, *, lock: bool = False) -> list[ImageView]:
+        _check_bigint(self.tenant, product_id)
         query = select(PRODUCTS.c.images).where(PRODUCTS.c.id == product_id)
         if lock:
             query = query.with_for_update(key_share=True)  # FOR NO KEY UPDATE

@@ -137,6 +137,7 @@ INVALID, REQUEST = "InvalidImageError", "RequestValidationError"
 BAD = {
     "unknown product": Bad("get", f"{BASE[:-2]}/9999/images", 404, "ProductNotFoundError"),
     "unknown image": Bad("delete", f"{IMAGES}/987654", 404, "ImageNotFoundError"),
+    "image id past bigint": Bad("delete", f"{IMAGES}/{10**30}", 404, "ImageNotFoundError"),
     "image of another product": Bad("delete", IMAGES + "/{other}", 404, "ImageNotFoundError"),
     "not a permutation": Bad("put", f"{IMAGES}/order", 422, "NotAPermutationError", ORDER_1),
     "second label": Bad("put", IMAGES + "/{second}/label", 409, "LabelConflictError", LABEL),

@@ -43,6 +43,22 @@ CASES: dict[str, tuple[Call, type[ImageServiceError], str]] = {
     "unknown product": (lambda svc, ids: svc.add_image(999_999, OK), ProductNotFoundError, "999"),
     "unknown image": (lambda svc, ids: svc.delete_image(987_654), ImageNotFoundError, "987654"),
     "unknown fallback image": (lambda svc, ids: svc.delete_image(-1), ImageNotFoundError, "-1"),
+    "product id past bigint": (
+        lambda svc, ids: svc.list_images(2**70),
+        ProductNotFoundError,
+        "not found",
+    ),
+    "image id past bigint": (
+        lambda svc, ids: svc.delete_image(2**70),
+        ImageNotFoundError,
+        "not found",
+    ),
+    "image id below bigint": (
+        lambda svc, ids: svc.delete_image(-(2**70)),
+        ImageNotFoundError,
+        "not found",
+    ),
+    "width past integer": (_add(width=2**31), InvalidImageError, "width"),
     "reorder missing one": (_reorder(lambda ids: ids[:-1]), NotAPermutationError, "permutation"),
     "reorder duplicate": (
         _reorder(lambda ids: [ids[0], *ids[:-1]]),
