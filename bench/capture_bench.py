@@ -108,6 +108,13 @@ def prepare(base_url: str, products: int) -> str:
                 "'backfill')",
                 (TENANT, low, low + 9_999),
             )
+        # The snapshots above are projected already: start the projector's checkpoint here.
+        conn.execute(
+            "INSERT INTO imgmig.projector_checkpoint (tenant, last_xmin, last_seq) "
+            "SELECT %s, pg_snapshot_xmin(pg_current_snapshot())::text::bigint, "
+            "(SELECT max(seq) FROM user_1.image_events)",
+            (TENANT,),
+        )
         conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(TENANT, "products")))
         conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(TENANT, "product_images")))
     return url

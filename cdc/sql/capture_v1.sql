@@ -85,27 +85,18 @@ $$;
 CREATE OR REPLACE FUNCTION imgmig.change_events(p_op text, p_before jsonb, p_after jsonb,
                                                 p_error text DEFAULT NULL)
 RETURNS TABLE (type text, payload jsonb)
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
+LANGUAGE sql STABLE
+-- No SET clause on purpose, like the mapping's building blocks (see mapping_v1.sql):
+-- inlined into the capture trigger's cached plan instead of called row by row.
 AS $$
-DECLARE
-  v_problems text[] := CASE WHEN p_op <> 'deleted' THEN imgmig.images_problems(p_after) END;
-BEGIN
-  type := 'images.' || p_op;
-  payload := jsonb_build_object('op', p_op, 'before', p_before, 'after', p_after);
-  RETURN NEXT;
-  IF v_problems IS NOT NULL THEN
-    type := 'images.malformed';
-    payload := jsonb_build_object('problems', to_jsonb(v_problems), 'original', p_after);
-    RETURN NEXT;
-  END IF;
-  IF p_error IS NOT NULL THEN
-    type := 'images.capture_failed';
-    payload := jsonb_build_object('error', p_error, 'original', p_after);
-    RETURN NEXT;
-  END IF;
-END
+  SELECT 'images.' || p_op, jsonb_build_object('op', p_op, 'before', p_before, 'after', p_after)
+  UNION ALL
+  SELECT 'images.malformed', jsonb_build_object('problems', to_jsonb(pr.p), 'original', p_after)
+    FROM (SELECT imgmig.images_problems(p_after) AS p WHERE p_op <> 'deleted') pr
+   WHERE pr.p IS NOT NULL
+  UNION ALL
+  SELECT 'images.capture_failed', jsonb_build_object('error', p_error, 'original', p_after)
+   WHERE p_error IS NOT NULL
 $$;
 
 -- One planned change of the diff projection: a row to delete (has_el false), a row to
@@ -357,6 +348,7 @@ DECLARE
   v_id bigint;
   v_problems text[];
   v_source text;
+  v_check boolean;
 BEGIN
   IF current_setting('imgmig.syncing', true) = 'capture' THEN
     RETURN NULL;
@@ -369,13 +361,29 @@ BEGIN
   END IF;
   v_op := CASE TG_OP WHEN 'INSERT' THEN 'inserted' WHEN 'UPDATE' THEN 'updated'
                      ELSE 'deleted' END;
-  v_source := imgmig.current_source();
+  v_source := CASE WHEN current_setting('imgmig.source', true)
+                          IN ('legacy', 'service', 'backfill', 'reconcile')
+                     THEN current_setting('imgmig.source', true)
+                     WHEN current_setting('imgmig.syncing', true) = 'reverse' THEN 'service'
+                     ELSE 'legacy' END;  -- imgmig.current_source(), inlined: hot path
   PERFORM set_config('search_path', format('pg_catalog, %I, pg_temp', TG_TABLE_SCHEMA), true);
   INSERT INTO image_events (aggregateid, type, payload, tenant, source)
   VALUES (v_id::text, 'images.' || v_op,
           jsonb_build_object('op', v_op, 'before', v_before, 'after', v_after),
           TG_TABLE_SCHEMA, v_source);
-  IF TG_OP <> 'DELETE' THEN
+  -- The clean legacy shape (objects with a url, orders 0..n-1 in place) skips the check.
+  -- (CASE fixes the evaluation order: jsonb_array_length would raise on a non-array.)
+  v_check := TG_OP <> 'DELETE'
+     AND CASE WHEN jsonb_typeof(v_after) IS DISTINCT FROM 'array' THEN true
+              WHEN jsonb_path_exists(v_after, '$[*] ? (@.type() != "object" || !exists(@.url)
+                                                       || @.url.type() != "string"
+                                                       || @.url == "" || @.is_label == true)')
+                THEN true
+              ELSE jsonb_path_query_array(v_after, '$[*].order')
+                   <> to_jsonb(ARRAY(SELECT generate_series(0, jsonb_array_length(v_after) - 1)))
+         END;
+  IF v_check
+  THEN
     BEGIN
       v_problems := imgmig.images_problems(v_after);
     EXCEPTION WHEN OTHERS THEN
