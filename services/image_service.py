@@ -115,10 +115,15 @@ class ProductImageService:
 
         def change(before: list[ImageView]) -> list[ImageView]:
             ids = [v.id for v in before]
-            if sorted(ids) != sorted(new_order) or len(set(new_order)) != len(new_order):
-                raise NotAPermutationError(product_id, tuple(ids), tuple(new_order))
+            refused = NotAPermutationError(product_id, tuple(ids), tuple(new_order))
+            try:  # fallback ids handed out earlier resolve to today's ids
+                wanted = [self._pick(before, i, product_id).id for i in new_order]
+            except ImageNotFoundError:
+                raise refused from None
+            if sorted(ids) != sorted(wanted) or len(set(wanted)) != len(wanted):
+                raise refused
             by_id = {v.id: v for v in before}
-            return [by_id[i] for i in new_order]
+            return [by_id[i] for i in wanted]
 
         return self._write(product_id, change)[0]
 

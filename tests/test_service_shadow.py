@@ -115,8 +115,9 @@ def test_a_fallback_id_still_finds_its_image_once_the_row_exists(
         with service(engine, T) as svc:
             assert svc.find_image(old[0].id).id > 0
             assert svc.set_label_flag(old[1].id, True).url == old[1].url
+            svc.reorder_images(13, [v.id for v in reversed(old)])
             svc.delete_image(old[0].id)
-            assert [v.url for v in svc.list_images(13)] == [v.url for v in old[1:]]
+            assert [v.url for v in svc.list_images(13)] == [v.url for v in reversed(old[1:])]
     assert out_of_sync(conn, T) == []
 
 
