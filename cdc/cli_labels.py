@@ -14,10 +14,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cdc import label_evidence, label_heuristics, label_report, label_review, labels, locks
+from cdc import label_evidence, label_heuristics, label_report, label_review, labels, locks, stage
 from cdc import tenants as tenants_mod
 from cdc.cli_common import out, url
 from cdc.db import Conn, connect
+from cdc.stage import Stage
 
 TenantOpt = Annotated[
     Optional[list[str]],  # noqa: UP045 - Typer needs Optional here
@@ -74,6 +75,11 @@ def apply(
         names = tenants_mod.resolve(conn, tenant)
         locks.lock_all(conn, names, "labels apply")
         for name in names:
+            current = stage.get(conn, name).stage
+            if current in (Stage.JSONB, Stage.CONTRACTED):
+                # jsonb: nothing is backfilled yet; contracted: no JSONB to read evidence from.
+                out.print(f"{name}: skipped at stage {current}")
+                continue
             out.print(f"{name}: {labels.apply_tenant(conn, name, strategies)} labels set")
 
 

@@ -166,8 +166,12 @@ def test_cli_verbs(migrated_url: str, tmp_path: Path) -> None:
     imported = _imgmig(migrated_url, "labels", "import-legacy")
     assert imported.returncode == 0, imported.stderr
     assert "new 0" not in imported.stdout
-    applied = _imgmig(migrated_url, "labels", "apply", "--tenant", "user_1")
+    applied = _imgmig(migrated_url, "labels", "apply")
     assert applied.returncode == 0, applied.stderr
+    assert "user_1: 0 labels set" not in applied.stdout  # the CLI backfill left them
+    assert "template_tenant: skipped at stage jsonb" in applied.stdout
+    rerun = _imgmig(migrated_url, "labels", "apply", "--tenant", "user_1")
+    assert "user_1: 0 labels set" in rerun.stdout  # decided products stay decided
     shown = _imgmig(migrated_url, "labels", "report")
     assert shown.returncode == 0, shown.stderr
     assert "legacy-image-type" in shown.stdout
