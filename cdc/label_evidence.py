@@ -81,10 +81,7 @@ def _upsert(conn: Conn, source: sql.Composable, label: str) -> ImportResult:
 def import_legacy(conn: Conn, *, schema: str = LEGACY_SCHEMA) -> ImportResult:
     """Import ``schema.image_types`` (the restored backup) into ``imgmig.label_evidence``."""
     label_store.ensure(conn)
-    found = conn.execute(
-        "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", (schema, LEGACY_TABLE)
-    ).fetchone()
-    if not found or found[0] is None:
+    if not legacy_present(conn, schema=schema):
         raise EvidenceSourceError(source=f"{schema}.{LEGACY_TABLE}", reason="no such table")
     with conn.transaction():
         return _upsert(conn, sql.Identifier(schema, LEGACY_TABLE), f"{schema}.{LEGACY_TABLE}")
@@ -219,3 +216,12 @@ def evidence_counts(conn: Conn) -> dict[str, int]:
         "SELECT image_type, count(*) FROM imgmig.label_evidence GROUP BY 1"
     ).fetchall()
     return {str(k): int(n) for k, n in rows}
+
+
+def legacy_present(conn: Conn, *, schema: str = LEGACY_SCHEMA) -> bool:
+    """Whether the restored backup table is there to import."""
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL",
+        (schema, LEGACY_TABLE),
+    ).fetchone()
+    return bool(row and row[0])

@@ -34,7 +34,7 @@ from typing import Final, LiteralString
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from cdc import label_store
+from cdc import label_evidence, label_store
 from cdc.db import Conn
 from cdc.tenants import discover
 
@@ -295,3 +295,15 @@ def posterior(lr: Mapping[str, float], ext: str, gap: str, dim: str) -> float:
     """The same arithmetic as the SQL, for tests and the docs."""
     odds = lr["prior:odds"] * lr[f"ext:{ext}"] * lr[f"gap:{gap}"] * lr[f"dim:{dim}"]
     return 1 / (1 + math.exp(-math.log(odds)))
+
+
+def prepare(conn: Conn) -> Calibration | None:
+    """Before a backfill: import the restored backup if it is there, then calibrate.
+
+    Returns the calibration, or ``None`` when there is no backup to import (the
+    defaults, or an earlier calibration, stay in force).
+    """
+    if not label_evidence.legacy_present(conn):
+        return None
+    label_evidence.import_legacy(conn)
+    return calibrate(conn)

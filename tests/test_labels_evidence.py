@@ -132,3 +132,12 @@ def test_statements_are_composed_with_identifiers() -> None:
     assert "INSERT INTO imgmig.label_review" in meta
     assert "ON CONFLICT (tenant, product_id) WHERE decided_at IS NULL DO NOTHING" in meta
     assert labels.resolve(["explicit", "legacy-image-type", "metadata"])[1].name == "metadata"
+
+
+def test_prepare_imports_and_calibrates_when_the_backup_is_there(conn: Conn) -> None:
+    """prepare() imports the restored backup and calibrates; without it, it does nothing."""
+    cal = label_heuristics.prepare(conn)
+    assert cal is not None
+    assert cal.stored
+    conn.execute("DROP SCHEMA legacy_backup CASCADE")
+    assert label_heuristics.prepare(conn) is None
