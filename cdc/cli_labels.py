@@ -59,6 +59,11 @@ def _calibrate(conn: Conn) -> None:
     cal = label_heuristics.calibrate(conn)
     state = "stored" if cal.stored else "too small a sample; defaults kept"
     out.print(f"calibration on {cal.labels} labels / {cal.photos} photos: {state}")
+    if cal.stored:
+        precision, recall = cal.checked
+        out.print(
+            f"two-fold check against the evidence: precision {precision:.3f}, recall {recall:.3f}"
+        )
 
 
 @labels_app.command("apply")

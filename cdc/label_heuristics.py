@@ -230,9 +230,11 @@ def sample_statement(tenant: str) -> sql.Composed:
     return sql.SQL(_SAMPLE).format(products=sql.Identifier(tenant, "products"), features=features)
 
 
-def likelihood_ratios(
-    sample: Sequence[tuple[str, str, str, str]],
-) -> dict[str, tuple[int, int, float]]:
+# One calibration sample: (image_type, ext bin, gap bin, dim bin).
+Sample = Sequence[tuple[str, str, str, str]]
+
+
+def likelihood_ratios(sample: Sample) -> dict[str, tuple[int, int, float]]:
     """Per ``feature:bin``: (labels, photos, Laplace-smoothed LR); ``prior:odds`` too.
 
     Bins seen fewer than :data:`MIN_BIN` times are left out, so they keep their default.
@@ -262,6 +264,8 @@ class Calibration:
     photos: int
     lr: dict[str, float]
     stored: bool
+    # Two-fold cross-validation against the evidence: (precision, recall) of "label".
+    checked: tuple[float, float] = (1.0, 1.0)
 
 
 def calibrate(conn: Conn, tenants: Sequence[str] | None = None) -> Calibration:
@@ -280,6 +284,7 @@ def calibrate(conn: Conn, tenants: Sequence[str] | None = None) -> Calibration:
     lr = {**DEFAULT_LR, **{k: v[2] for k, v in table.items()}}
     if min(n_label, n_photo) < MIN_SAMPLE:
         return Calibration(n_label, n_photo, lr, stored=False)
+    checked = cross_check(sample)
     with conn.transaction():
         conn.execute("DELETE FROM imgmig.label_calibration")
         with conn.cursor() as cur:
@@ -288,7 +293,27 @@ def calibrate(conn: Conn, tenants: Sequence[str] | None = None) -> Calibration:
                 " VALUES (%s, %s, %s, %s, %s)",
                 [(*k.split(":", 1), v[0], v[1], v[2]) for k, v in table.items()],
             )
-    return Calibration(n_label, n_photo, lr, stored=True)
+    return Calibration(n_label, n_photo, lr, stored=True, checked=checked)
+
+
+def cross_check(sample: Sample) -> tuple[float, float]:
+    """Precision and recall of the decision against the evidence, two-fold.
+
+    Steps: 1. fit the LRs on every other sample, 2. decide the rest with them, 3. swap.
+    The evidence is the truth here, so this is the production-side quality measure.
+    """
+    hits = flagged = real = 0
+    for fold in (0, 1):
+        fit = [s for i, s in enumerate(sample) if i % 2 == fold]
+        lr = {**DEFAULT_LR, **{k: v[2] for k, v in likelihood_ratios(fit).items()}}
+        for i, (kind, ext, gap, dim) in enumerate(sample):
+            if i % 2 == fold:
+                continue
+            says = posterior(lr, ext, gap, dim) >= 0.5
+            flagged += says
+            real += kind == "label"
+            hits += says and kind == "label"
+    return (hits / flagged if flagged else 1.0, hits / real if real else 1.0)
 
 
 def posterior(lr: Mapping[str, float], ext: str, gap: str, dim: str) -> float:

@@ -102,6 +102,7 @@ def test_calibration_learns_the_gap_from_the_evidence(
     assert cal.lr["gap:later"] > 100
     assert cal.lr["gap:session"] < 0.05
     assert cal.lr["ext:png"] > 3
+    assert min(cal.checked) >= 0.95
     assert label_heuristics.load_lr(conn)["gap:later"] == pytest.approx(cal.lr["gap:later"])
 
 
