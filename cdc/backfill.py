@@ -209,6 +209,10 @@ class _Worker:
         with conn.transaction():
             check_stage(conn, self.tenant)
             cp = checkpoint.read(conn, self.tenant)
+            if cp is not None and not restart and checkpoint.capture_gap(conn, cp):
+                log.warning("capture was off since this backfill began; starting over",
+                            tenant=self.tenant)  # fmt: skip
+                restart = True
             if cp is not None and cp.status == "done" and not restart:
                 return
             cp = checkpoint.start(conn, self.tenant, restart=restart)

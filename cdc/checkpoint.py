@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
 from psycopg import sql
@@ -18,6 +19,7 @@ from cdc.tenants import CONTROL_SCHEMA
 
 STATE: Final = sql.Identifier(CONTROL_SCHEMA, "backfill_state")
 SWITCHES: Final = sql.Identifier(CONTROL_SCHEMA, "switches")
+AUDIT: Final = sql.Identifier(CONTROL_SCHEMA, "stage_audit")
 PAUSE_SWITCH: Final = "backfill_paused"
 
 
@@ -30,9 +32,12 @@ class Checkpoint:
     products_done: int
     rows_done: int
     batch_size: int | None
+    started_at: datetime | None
 
 
-_COLUMNS: Final = sql.SQL("tenant, status, last_id, max_id, products_done, rows_done, batch_size")
+_COLUMNS: Final = sql.SQL(
+    "tenant, status, last_id, max_id, products_done, rows_done, batch_size, started_at"
+)
 
 
 def read(conn: Conn, tenant: str) -> Checkpoint | None:
@@ -90,6 +95,20 @@ def finish(conn: Conn, tenant: str) -> None:
         ).format(STATE),
         (tenant,),
     )
+
+
+def capture_gap(conn: Conn, cp: Checkpoint) -> bool:
+    """Was the tenant back at stage jsonb (capture off) since this checkpoint's run began?
+
+    Products behind ``last_id`` may then have changed unseen, so the position is void.
+    """
+    row = conn.execute(
+        sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE tenant = %s AND to_stage = 'jsonb' AND at >= %s)"
+        ).format(AUDIT),
+        (cp.tenant, cp.started_at),
+    ).fetchone()
+    return bool(cp.started_at is not None and row and row[0])
 
 
 def remaining(conn: Conn, tenant: str, cp: Checkpoint) -> int:
