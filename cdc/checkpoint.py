@@ -47,6 +47,13 @@ def read(conn: Conn, tenant: str) -> Checkpoint | None:
     return Checkpoint(*row) if row else None
 
 
+def read_all(conn: Conn) -> list[Checkpoint]:
+    rows = conn.execute(
+        sql.SQL("SELECT {} FROM {} ORDER BY tenant").format(_COLUMNS, STATE)
+    ).fetchall()
+    return [Checkpoint(*row) for row in rows]
+
+
 def start(conn: Conn, tenant: str, *, restart: bool = False) -> Checkpoint:
     """Mark the tenant running; keep its position unless ``restart``.
 

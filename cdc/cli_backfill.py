@@ -19,12 +19,14 @@ from typing import Annotated, Optional
 import psycopg
 import structlog
 import typer
+from rich.table import Table
 
 from cdc import backfill as backfill_mod
-from cdc import labels, metrics, runs
+from cdc import checkpoint, labels, metrics, runs
 from cdc import progress as progress_mod
 from cdc import reconcile as reconcile_mod
 from cdc.cli_common import out, url
+from cdc.db import connect
 from cdc.errors import ImgmigError, NoTenantChosenError
 from cdc.pacing import BatchSizer
 
@@ -114,6 +116,22 @@ def backfill_resume() -> None:
     """Let paused backfills go on."""
     backfill_mod.resume(url())
     out.print("backfill resumed")
+
+
+@backfill_app.command("status")
+def backfill_status() -> None:
+    """Each tenant's checkpoint, and whether backfills are paused."""
+    with connect(url(), autocommit=True) as conn:
+        states = checkpoint.read_all(conn)
+        paused = checkpoint.paused(conn)
+    table = Table("tenant", "status", "last id", "max id", "products", "rows", "batch")
+    for cp in states:
+        table.add_row(
+            cp.tenant, cp.status, str(cp.last_id), str(cp.max_id or "-"),
+            f"{cp.products_done:,}", f"{cp.rows_done:,}", str(cp.batch_size or "-"),
+        )  # fmt: skip
+    out.print(table)
+    out.print("backfill is [bold]paused[/]" if paused else "backfill is not paused")
 
 
 def register(app: typer.Typer) -> None:

@@ -117,6 +117,10 @@ def test_backfill_cli_pause_resume_and_run(migrated_url: str) -> None:
     run = imgmig(migrated_url, "backfill", "--tenant", T, "--batch-size", "25")
     assert run.returncode == 0, run.stderr
     assert last_json(run.stderr)["exit_code"] == 0
+    status = imgmig(migrated_url, "backfill", "status")
+    assert status.returncode == 0
+    assert "user_1" in status.stdout
+    assert "done" in status.stdout
     refused = imgmig(migrated_url, "backfill", "--tenant", "user_2")
     assert refused.returncode == 7
     assert "no change capture yet" in refused.stderr
