@@ -26,7 +26,7 @@ import httpx
 import structlog
 import uvicorn
 
-from cdc import deploy, label_evidence, migrate, reconcile, seed
+from cdc import deploy, label_heuristics, migrate, reconcile, seed
 from cdc.db import Conn, connect
 from cdc.ddl import LOCK_WAITS
 from cdc.demo_report import (
@@ -131,9 +131,10 @@ def run(url: str, config: seed.SeedConfig, *, reseed: bool = False, say: Say = p
         tenants = [t for t in resolve(conn, None) if t != seed.TEMPLATE_TENANT]
         ledger = initial_ledger(conn, tenants)
         keys = {t: api_keys.create_key(conn, t, actor="demo") for t in tenants}
-        evidence = label_evidence.import_legacy(conn)  # the restored pre-2026 backup
+        # The restored pre-2026 backup: import its image_type evidence, then calibrate.
+        calibration = label_heuristics.prepare(conn)
         conn.commit()
-    say(f"imported legacy label evidence: {evidence}")
+    say(f"label evidence imported and heuristics calibrated: {calibration is not None}")
     result.images_before = sum(len(e.urls) for e in ledger.entries.values())
     phase, stats = Phase(), result.stats
     common = {"url": url, "ledger": ledger, "phase": phase, "stats": stats}
