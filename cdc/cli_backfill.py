@@ -27,7 +27,7 @@ from cdc import progress as progress_mod
 from cdc import reconcile as reconcile_mod
 from cdc.cli_common import out, url
 from cdc.db import connect
-from cdc.errors import ImgmigError, NoTenantChosenError
+from cdc.errors import ConflictingOptionsError, ImgmigError
 from cdc.pacing import BatchSizer
 
 log = structlog.get_logger("cdc.cli")
@@ -45,12 +45,13 @@ backfill_app = typer.Typer(
 
 
 def chosen(tenant: list[str] | None, all_: bool, action: str) -> list[str] | None:
-    """``--tenant`` names, ``None`` for ``--all``; one of them is required."""
-    if tenant:
-        return tenant
-    if all_:
-        return None
-    raise NoTenantChosenError(action=action)
+    """``--tenant`` names; ``None`` (every eligible tenant) for ``--all`` or neither.
+
+    DESIGN.md's contract is ``[--tenant T | --all]``: both optional, exclusive.
+    """
+    if tenant and all_:
+        raise ConflictingOptionsError(action=action, options=("--tenant", "--all"))
+    return tenant or None
 
 
 @backfill_app.callback()

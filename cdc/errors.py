@@ -413,3 +413,15 @@ class ReviewFileError(ImgmigError):
 
     def message(self) -> str:
         return f"cannot apply review file {self.path}: {self.reason}"
+
+
+@dataclass(eq=False)
+class ConflictingOptionsError(ImgmigError):
+    """Options that exclude each other (exit 4, not click's 2, which means drift left)."""
+
+    action: str
+    options: tuple[str, ...]
+    exit_code: int = 4
+
+    def message(self) -> str:
+        return f"{self.action}: {' and '.join(self.options)} exclude each other"

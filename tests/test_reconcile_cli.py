@@ -96,11 +96,13 @@ def test_overlapping_reconcile_runs_are_refused(migrated_url: str) -> None:
 
 
 def test_bad_input_gives_one_line_and_exit_4(migrated_url: str) -> None:
-    """An unknown tenant, no tenant at all, or an unknown label strategy: exit 4."""
+    """An unknown tenant, an unknown label strategy, or --tenant with --all: exit 4."""
     unknown = imgmig(migrated_url, "reconcile", "--tenant", "user_99")
     assert unknown.returncode == 4
     assert "unknown tenant 'user_99'" in unknown.stderr
-    assert imgmig(migrated_url, "verify").returncode == 4
+    both = imgmig(migrated_url, "verify", "--all", "--tenant", T)
+    assert both.returncode == 4
+    assert "exclude each other" in both.stderr
     strategy = imgmig(migrated_url, "backfill", "--all", "--label-strategy", "magic")
     assert strategy.returncode == 4
     assert "unknown label strategy 'magic'" in strategy.stderr
