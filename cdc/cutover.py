@@ -89,11 +89,16 @@ def verify_problem(conn: Conn, tenant: str) -> str | None:
 
 
 def shadow_problem(conn: Conn, tenant: str) -> str | None:
-    """Why the shadow period since the last stage change does not allow ``table``."""
+    """Why the shadow period since the last stage change does not allow ``table``.
+
+    Mismatches are counted both in the counter and in the kept rows: the counter may
+    skip an increment under contention (services.shadow), the rows never do."""
     query = sql.SQL(
-        "SELECT s.reads, s.mismatches, s.since >= t.stage_changed_at FROM {t} t "
+        "SELECT s.reads, greatest(s.mismatches, (SELECT count(*) FROM {m} m "
+        "  WHERE m.tenant = t.tenant AND m.at >= t.stage_changed_at)), "
+        "s.since >= t.stage_changed_at FROM {t} t "
         "LEFT JOIN {s} s ON s.tenant = t.tenant WHERE t.tenant = %s"
-    ).format(t=_table("tenant_state"), s=_table("shadow_stats"))
+    ).format(t=_table("tenant_state"), s=_table("shadow_stats"), m=_table("shadow_mismatches"))
     row = _one(conn, query, (tenant,))
     if row is None or row[0] is None or not row[2]:
         return "no shadow reads recorded since entering shadow_read"

@@ -149,7 +149,7 @@ def _routes(app: FastAPI, units: Units) -> None:
         return ImageList(tenant=svc.tenant, product_id=product_id, stage=svc.stage(), images=images)
 
     def own_image(svc: ProductImageService, product_id: int, image_id: int) -> None:
-        if svc.find_image(image_id).product_id != product_id:
+        if svc.image_product(image_id) != product_id:  # the write then checks it exists
             raise errors.ImageNotFoundError(svc.tenant, image_id, product_id)
 
     @app.get("/healthz", include_in_schema=False)

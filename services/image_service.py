@@ -76,6 +76,10 @@ class ProductImageService:
         product_id = self._product_of(image_id)
         return self._pick(self.list_images(product_id), image_id, product_id)
 
+    def image_product(self, image_id: int) -> int:
+        """The product an image id belongs to, without reading the images (no shadow read)."""
+        return self._product_of(image_id)
+
     def stage(self) -> Stage:
         """The tenant's stage, through the cache when the settings carry one."""
         cache = self.settings.stage_cache

@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from services.image_types import ImageView
@@ -29,6 +30,9 @@ _COUNT = text(
     "VALUES (:tenant, 1, :bad) ON CONFLICT (tenant) DO UPDATE "
     "SET reads = s.reads + 1, mismatches = s.mismatches + excluded.mismatches"
 )
+COUNTER_LOCK_TIMEOUT = "50ms"
+_TIMEOUT_NOW = text("SELECT current_setting('lock_timeout')")
+_TIMEOUT = text("SELECT set_config('lock_timeout', :value, true)")
 _SAMPLE = text(
     "INSERT INTO imgmig.shadow_mismatches (tenant, product_id, diff) "
     "VALUES (:tenant, :product_id, :diff)"
@@ -71,11 +75,22 @@ def _field_diffs(served: ImageView, row: ImageView) -> list[dict[str, Any]]:
 
 
 def record(session: Session, tenant: str, product_id: int, diff: dict[str, Any]) -> None:
-    """Count one shadow read, and keep and log the mismatch if there is one.
+    """Keep and log the mismatch if there is one, then count the read.
 
-    Runs in the caller's transaction; the counter row is the last lock a read takes.
+    Runs in the caller's transaction. The mismatch row is a plain insert (it never
+    waits). The counter is one hot row per tenant: it is updated under a short
+    ``lock_timeout``, and skipped when busy, so a caller holding a product lock can never
+    deadlock on it with a caller holding the counter. A skipped count only under-counts
+    reads; the ``table`` guard counts mismatches from ``shadow_mismatches`` too.
     """
     if diff:
         log.warning("shadow mismatch", tenant=tenant, product_id=product_id, diff=diff)
         session.execute(_SAMPLE, {"tenant": tenant, "product_id": product_id, "diff": diff})
-    session.execute(_COUNT, {"tenant": tenant, "bad": 1 if diff else 0})
+    previous = session.execute(_TIMEOUT_NOW).scalar_one()
+    try:
+        with session.begin_nested():
+            session.execute(_TIMEOUT, {"value": COUNTER_LOCK_TIMEOUT})
+            session.execute(_COUNT, {"tenant": tenant, "bad": 1 if diff else 0})
+            session.execute(_TIMEOUT, {"value": previous})
+    except OperationalError as exc:  # LockNotAvailable: the savepoint undid the SET too
+        log.debug("shadow counter busy", tenant=tenant, error=str(exc).splitlines()[0])

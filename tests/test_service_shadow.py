@@ -133,3 +133,36 @@ def test_a_failing_shadow_read_never_fails_the_served_read(conn: PG, migrated_ur
             assert len(svc.list_images(14)) == len(served) + 1
     assert served
     assert any(e["event"] == "shadow read failed" for e in logs)
+
+
+def test_shadow_counter_never_deadlocks_read_then_write_against_write_then_read(
+    conn: PG, migrated_url: str
+) -> None:
+    """In shadow_read, read-then-write and write-then-read transactions never deadlock."""
+    bring_to(conn, T, Stage.SHADOW_READ)
+    settings = ServiceSettings(max_photos=100)
+    errors: list[BaseException] = []
+
+    def worker(read_first: bool) -> None:
+        with engine_for(migrated_url) as engine:
+            for i in range(15):
+                url = f"https://cdn.example/{read_first}-{i}.jpg"
+                try:
+                    with service(engine, T, settings) as svc:
+                        if read_first:
+                            svc.list_images(15)
+                        svc.add_image(15, {"url": url, "mime_type": "image/jpeg"})
+                        if not read_first:
+                            svc.list_images(16)
+                except BaseException as exc:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(flag,)) for flag in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with engine_for(migrated_url) as engine, service(engine, T) as svc:
+        urls = {v.url for v in svc.list_images(15)}
+    assert {f"https://cdn.example/{f}-{i}.jpg" for f in (True, False) for i in range(15)} <= urls
