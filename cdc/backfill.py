@@ -112,6 +112,11 @@ _STAGE_FOR_SHARE: Final = sql.SQL("SELECT stage FROM {} WHERE tenant = %s FOR SH
 )
 
 
+def lock_and_project(tenant: str) -> sql.Composed:
+    """The batch statement: lock the next products, project their current JSONB."""
+    return _LOCK_AND_PROJECT.format(products=sql.Identifier(tenant, "products"))
+
+
 def check_stage(conn: Conn, tenant: str) -> None:
     """Refuse tenants whose stage makes a backfill unsafe or pointless."""
     current = stage_mod.get(conn, tenant).stage
@@ -273,7 +278,7 @@ class _Worker:
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(timeout))
         self._recheck_stage(conn)
         row = conn.execute(
-            _LOCK_AND_PROJECT.format(products=sql.Identifier(tenant, "products")),
+            lock_and_project(tenant),
             {"after": after, "max_id": max_id, "limit": size, "tenant": tenant},
         ).fetchone()
         ids: list[int] = list(row[0]) if row and row[0] else []

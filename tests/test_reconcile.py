@@ -116,3 +116,28 @@ def test_reconcile_refuses_a_tenant_without_capture(migrated_url: str) -> None:
     with pytest.raises(StageRefusedError) as info:
         reconcile.run(migrated_url, ["user_2"])
     assert "no change capture" in str(info.value)
+
+
+def test_a_label_set_behind_the_jsonb_is_field_drift_and_is_cleared(migrated_url: str) -> None:
+    """A label written to the table only (no strategy, no element flag) is field drift."""
+    backfilled(migrated_url)
+    with psycopg.connect(migrated_url, autocommit=True) as conn:
+        conn.execute(sql.SQL(
+            "UPDATE {} SET is_label = true WHERE product_id = 30 AND \"order\" = 0"
+        ).format(images()))  # fmt: skip
+    outcome = reconcile.run(migrated_url, [T])[0]
+    assert outcome.report.drifted == [30]
+    assert outcome.report.drift["field"] == 1
+    assert outcome.exit_code == 1
+    with psycopg.connect(migrated_url, autocommit=True) as conn:
+        labels = scalar(conn, sql.SQL("SELECT count(*) FROM {} WHERE product_id = 30 AND is_label")
+                        .format(images()))  # fmt: skip
+    assert labels == 0
+
+
+def test_batch_statement_golden() -> None:
+    """The backfill's batch locks its products, then projects them in one statement."""
+    text = backfill.lock_and_project("user_1").as_string(None)
+    assert 'SELECT id FROM "user_1"."products"' in text
+    assert "ORDER BY id LIMIT %(limit)s\n              FOR NO KEY UPDATE" in text
+    assert "imgmig.snapshot(%(tenant)s, b.ids, 'backfill')" in text
