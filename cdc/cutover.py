@@ -1,4 +1,4 @@
-"""Guarded stage changes and the kill switch (readers follow through cdc.stage_cache).
+"""Guarded stage changes and the kill switch.
 
 ``cdc.stage.set_stage`` moves a tenant and audits it; this module decides whether it may:
 

@@ -24,7 +24,6 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from cdc import errors
-from cdc.stage_cache import StageCache
 from services import api_keys
 from services.api_schemas import (
     ErrorOut,
@@ -98,8 +97,7 @@ def create_app(database_url: str, *, settings: ServiceSettings | None = None) ->
     """The app for one database. Connects at startup (the key table), never at import."""
     units = Units(
         database_url,
-        settings
-        or ServiceSettings(stage_cache=StageCache(ttl=1.0), heartbeat=Heartbeat(database_url)),
+        settings or ServiceSettings(heartbeat=Heartbeat(database_url)),
     )
 
     @asynccontextmanager

@@ -1,7 +1,8 @@
 """Reader heartbeats: which stage this instance serves each tenant from.
 
-Every time the stage cache reloads a tenant's stage (at most once per TTL), the instance
-upserts ``imgmig.reader_heartbeats (instance, tenant, stage, seen_at)``. The contract
+When a service transaction reads a tenant's stage, the instance upserts
+``imgmig.reader_heartbeats (instance, tenant, stage, seen_at)``: at once when the stage
+differs from the last beat, else at most every ``interval`` seconds. The contract
 (``cdc.contract``) refuses to drop the JSONB column while a fresh heartbeat still reads
 it. The heartbeat has its own autocommit connection, never the caller's transaction: a
 row lock held until a caller commits could form a deadlock with product locks, and a
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
+from collections.abc import Callable
 
 import psycopg
 import structlog
@@ -36,9 +39,19 @@ def default_instance() -> str:
 class Heartbeat:
     """One lazily opened connection, shared by the threads of one instance."""
 
-    def __init__(self, database_url: str, *, instance: str | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        instance: str | None = None,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.database_url = database_url
         self.instance = instance or default_instance()
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[str, tuple[float, Stage]] = {}
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
 
@@ -46,10 +59,14 @@ class Heartbeat:
         """Record that this instance now serves ``tenant`` from ``stage``; never raises
         (a missed beat only makes the contract wait for the next one)."""
         with self._lock:
+            now, last = self._clock(), self._last.get(tenant)
+            if last is not None and last[1] is stage and now - last[0] < self.interval:
+                return
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = psycopg.connect(self.database_url, autocommit=True)
                 self._conn.execute(_UPSERT, (self.instance, tenant, stage.value))
+                self._last[tenant] = (now, stage)
             except psycopg.Error as exc:
                 log.warning("heartbeat failed", tenant=tenant, error=str(exc).strip())
                 self._close()

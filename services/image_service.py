@@ -3,13 +3,16 @@
 It takes a ``Session`` bound to the tenant (``services.db.tenant_session``) and never
 commits: the caller owns the transaction, so a rejected call writes nothing.
 
-* Reads follow the stage flag through a TTL cache (≤ 1 s): JSONB in ``jsonb``,
-  ``dual_write`` and ``shadow_read`` (plus the shadow comparison in ``shadow_read``), the
-  table from ``table`` on.
-* Writes read the stage under ``FOR KEY SHARE`` on the tenant's state row, which a stage
-  change (``FOR UPDATE``) waits for; then they lock the product row, so concurrent edits
-  of one product serialise; then they write the stage's truth and let the trigger sync
-  the other side (capture JSONB → table; reverse table → JSONB).
+* The first call in a transaction reads the tenant's stage under ``FOR KEY SHARE``
+  on its state row and keeps it for the transaction. A stage change (``FOR UPDATE``)
+  waits for the transactions in flight and is seen by the next one: no restart, no
+  stale cache, and every service transaction takes this lock before any table lock, so a
+  stage change (whose trigger DDL needs table locks) can never deadlock with it.
+* Reads: JSONB in ``jsonb``, ``dual_write`` and ``shadow_read`` (plus the shadow
+  comparison in ``shadow_read``), the table from ``table`` on.
+* Writes lock the product row, so concurrent edits of one product serialise; then they
+  write the stage's truth and let the trigger sync the other side (capture JSONB →
+  table; reverse table → JSONB).
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from services.image_types import ImageView, ServiceSettings, fallback_id, produc
 from services.image_types import validate_new_image as validate
 from services.stores import JsonbStore, Store, TableStore, image_product, now_utc
 
-_STAGE = text("SELECT stage FROM imgmig.tenant_state WHERE tenant = :tenant")
-_STAGE_LOCKED = text("SELECT stage FROM imgmig.tenant_state WHERE tenant = :tenant FOR KEY SHARE")
+_STAGE = text("SELECT stage FROM imgmig.tenant_state WHERE tenant = :tenant FOR KEY SHARE")
+_MEMO = "imgmig.stage"  # session.info key: (transaction, tenant, stage)
 _SOURCE = text("SELECT set_config('imgmig.source', 'service', true)")
 TABLE_STAGES = (Stage.TABLE, Stage.CONTRACTED)
 log = structlog.get_logger(__name__)
@@ -73,17 +76,26 @@ class ProductImageService:
 
     def find_image(self, image_id: int) -> ImageView:
         """One image by id."""
+        self.stage()
         product_id = self._product_of(image_id)
         return self._pick(self.list_images(product_id), image_id, product_id)
 
     def image_product(self, image_id: int) -> int:
         """The product an image id belongs to, without reading the images (no shadow read)."""
+        self.stage()
         return self._product_of(image_id)
 
     def stage(self) -> Stage:
-        """The tenant's stage, through the cache when the settings carry one."""
-        cache = self.settings.stage_cache
-        return cache.get(self.tenant, self._reload_stage) if cache else self._load_stage()
+        """The tenant's stage for this transaction, read once under ``FOR KEY SHARE``."""
+        memo = self.session.info.get(_MEMO)
+        current = self.session.get_transaction()
+        if memo is not None and current is not None and memo[:2] == (current, self.tenant):
+            return Stage(memo[2])
+        stage = self._load_stage()
+        self.session.info[_MEMO] = (self.session.get_transaction(), self.tenant, stage)
+        if self.settings.heartbeat is not None:
+            self.settings.heartbeat.beat(self.tenant, stage)
+        return stage
 
     # -- writes --------------------------------------------------------------------
 
@@ -151,7 +163,7 @@ class ProductImageService:
         against other edits; 3. the new list from ``change`` (which raises on bad input,
         before anything is written); 4. save it; 5. reload (ids capture just assigned).
         Returns the reloaded list and ``index(new list)``: saves keep list positions."""
-        stage = self._load_stage(lock=True)
+        stage = self.stage()
         self.session.execute(_SOURCE)
         store = self._store(stage)
         before = store.load(product_id, lock=True)
@@ -163,6 +175,7 @@ class ProductImageService:
         self, image_id: int, change: Callable[[list[ImageView], ImageView], list[ImageView]]
     ) -> tuple[list[ImageView], int]:
         """``_write`` for an edit of one image: the position of that image is returned."""
+        self.stage()  # the stage lock comes first, before any table is read
         product_id = self._product_of(image_id)
         position: list[int] = []
 
@@ -178,15 +191,8 @@ class ProductImageService:
             raise ImageNotFoundError(tenant=self.tenant, image_id=image_id) from None
         return after, position[0]
 
-    def _reload_stage(self) -> Stage:
-        stage = self._load_stage()
-        if self.settings.heartbeat is not None:
-            self.settings.heartbeat.beat(self.tenant, stage)
-        return stage
-
-    def _load_stage(self, *, lock: bool = False) -> Stage:
-        query = _STAGE_LOCKED if lock else _STAGE
-        stage = self.session.execute(query, {"tenant": self.tenant}).scalar_one_or_none()
+    def _load_stage(self) -> Stage:
+        stage = self.session.execute(_STAGE, {"tenant": self.tenant}).scalar_one_or_none()
         if stage is None:
             raise NotMigratedError(tenant=self.tenant)
         return Stage(stage)

@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cdc.errors import InvalidImageError
-from cdc.stage_cache import StageCache
 from services.heartbeat import Heartbeat
 
 DEFAULT_MIME_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
@@ -27,14 +26,13 @@ _KNOWN_KEYS = frozenset(
 
 @dataclass(frozen=True, kw_only=True)
 class ServiceSettings:
-    """Limits of the image service, the stage cache its reads go through, and the
-    heartbeat that reports the stage this instance reads in."""
+    """Limits of the image service, and the heartbeat that reports the stage this
+    instance serves each tenant from."""
 
     max_file_size: int = 10 * 1024 * 1024
     allowed_mime_types: frozenset[str] = DEFAULT_MIME_TYPES
     max_photos: int = 20  # photos per product, labels not counted (Vinted's limit)
-    stage_cache: StageCache | None = None
-    heartbeat: Heartbeat | None = None  # told whenever the cache reloads a stage
+    heartbeat: Heartbeat | None = None  # told the stage each transaction reads
 
 
 @dataclass(frozen=True, kw_only=True)

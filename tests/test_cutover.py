@@ -14,7 +14,6 @@ from cdc.errors import (
     StageRefusedError,
 )
 from cdc.stage import Stage
-from cdc.stage_cache import StageCache
 from tests.cutover_helpers import (
     PG,
     backfill,
@@ -175,25 +174,6 @@ def test_kill_switch_sends_each_tenant_to_the_safest_full_stage(conn: PG) -> Non
         "SELECT reason, changed_by FROM imgmig.stage_audit ORDER BY id DESC LIMIT 1"
     ).fetchone()
     assert last == ("kill switch: pager", "ops")
-
-
-def test_stage_cache_serves_a_change_once_its_ttl_has_passed() -> None:
-    """Within the TTL the cached stage is served; after it, the new one is loaded."""
-    now = [0.0]
-    cache = StageCache(ttl=1.0, clock=lambda: now[0])
-    current = [Stage.TABLE]
-    assert cache.get(T, lambda: current[0]) is Stage.TABLE
-    current[0] = Stage.DUAL_WRITE
-    now[0] = 0.5
-    assert cache.get(T, lambda: current[0]) is Stage.TABLE
-    now[0] = 1.0
-    assert cache.get(T, lambda: current[0]) is Stage.DUAL_WRITE
-
-
-def test_stage_cache_ttl_is_at_most_one_second() -> None:
-    """A TTL over one second would break the promise that services see a change within 1 s."""
-    with pytest.raises(ValueError, match="between 0 and 1"):
-        StageCache(ttl=5)
 
 
 def test_kill_switch_moves_the_others_when_one_tenant_is_stuck(conn: PG, migrated_url: str) -> None:

@@ -67,3 +67,43 @@ def test_kill_switch_under_concurrent_service_writes(conn: PG, migrated_url: str
     }
     assert set(done) <= urls
     assert out_of_sync(conn, T) == []
+
+
+def _read_then_write(
+    url: str, product_id: int, stop: threading.Event, errors: list[BaseException]
+) -> None:
+    with engine_for(url) as engine:
+        n = 0
+        while not stop.is_set() and n < 200:
+            try:
+                with service(engine, T, SETTINGS) as svc:
+                    svc.list_images(product_id)
+                    svc.add_image(
+                        product_id,
+                        {"url": f"https://cdn.example/rw-{n}.jpg", "mime_type": "image/jpeg"},
+                    )
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            n += 1
+
+
+def test_kill_switch_with_read_then_write_transactions(conn: PG, migrated_url: str) -> None:
+    """Transactions that read then write never make the kill switch give up on a tenant."""
+    bring_to(conn, T, Stage.TABLE)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    threads = [
+        threading.Thread(target=_read_then_write, args=(migrated_url, p, stop, errors))
+        for p in PRODUCTS
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    moves = cutover.kill_switch(conn, reason="drill", actor="tests")
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert [m.error for m in moves] == [None] * len(moves)
+    assert errors == []
+    assert stage_mod.get(conn, T).stage is Stage.DUAL_WRITE
