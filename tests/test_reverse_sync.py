@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+
+import psycopg
 import pytest
 
 from tests.capture_support import (
@@ -97,3 +100,63 @@ def test_sync_flag_does_not_leak_into_the_transaction(table_stage: Conn) -> None
         row = c.execute("SELECT current_setting('imgmig.syncing', true)").fetchone()
     assert row == ("",)
     assert [r[1] for r in rows_of(c, pid)] == [C]
+
+
+def test_table_write_waiting_on_another_keeps_its_change(
+    table_stage: Conn, migrated_url: str
+) -> None:
+    """A table write that waits for another one on the same product keeps both in JSONB."""
+    c = table_stage
+    pid = new_product(c, [img(A, 0), img(B, 1)])
+    edit = f"UPDATE {TENANT}.product_images SET alt_text = %s WHERE product_id = %s AND url = %s"
+    seen: list[BaseException] = []
+    with psycopg.connect(migrated_url) as first:
+        first.execute(edit, ("first", pid, A))  # holds the product row until commit
+        second = threading.Thread(target=_edit_once, args=(migrated_url, edit, pid, seen))
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive()  # blocked behind the first transaction
+        first.commit()
+    second.join()
+    assert seen == []
+    assert [e.get("alt_text") for e in images_of(c, pid)] == ["first", "second"]
+
+
+def _edit_once(url: str, edit: str, pid: int, seen: list[BaseException]) -> None:
+    try:
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute(edit, ("second", pid, B))
+    except BaseException as exc:  # surfaced by the test thread
+        seen.append(exc)
+
+
+def _edit_row(url: str, pid: int, row_url: str, rounds: int, seen: list[BaseException]) -> None:
+    try:
+        with psycopg.connect(url, autocommit=True) as c:
+            for n in range(rounds):
+                c.execute(
+                    f"UPDATE {TENANT}.product_images SET alt_text = %s "
+                    "WHERE product_id = %s AND url = %s",
+                    (f"{row_url}-{n}", pid, row_url),
+                )
+    except BaseException as exc:  # surfaced by the test thread
+        seen.append(exc)
+
+
+def test_concurrent_table_writes_to_one_product_lose_nothing(
+    table_stage: Conn, migrated_url: str
+) -> None:
+    """Two connections editing different rows of one product: the JSONB ends with both."""
+    c = table_stage
+    pid = new_product(c, [img(A, 0), img(B, 1)])
+    seen: list[BaseException] = []
+    threads = [
+        threading.Thread(target=_edit_row, args=(migrated_url, pid, u, 25, seen)) for u in (A, B)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == []
+    assert [e.get("alt_text") for e in images_of(c, pid)] == [f"{A}-24", f"{B}-24"]
+    assert in_sync(c, pid)

@@ -429,6 +429,10 @@ BEGIN
   IF v_ids IS NULL THEN
     RETURN NULL;
   END IF;
+  -- Lock the products first, in id order, and only then read the rows in a new statement
+  -- (a new snapshot under READ COMMITTED): a concurrent table write to the same product
+  -- has committed by then, so its change is in the array we write and is not lost.
+  PERFORM 1 FROM products p WHERE p.id = ANY (v_ids) ORDER BY p.id FOR NO KEY UPDATE;
   PERFORM set_config('imgmig.syncing', 'reverse', true);
   UPDATE products p SET images = r.images
     FROM imgmig.rows_images(v_tenant, v_ids) r
