@@ -1,4 +1,4 @@
-"""The cutover flag: guards, force and its audit, backward moves, the stage cache."""
+"""The cutover flag: guards, force and its audit, backward moves, the kill switch."""
 
 from __future__ import annotations
 
