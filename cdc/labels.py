@@ -22,8 +22,8 @@ measures precision and recall of 1.0 where last-image has 0.19 and 1.0
 and ``metadata`` runs on its default likelihood ratios. :data:`DEFAULT` (the backfill's
 default) stays ``explicit`` for now: several backfill/reconcile tests assert that a
 default backfill is an exact projection of the JSONB, and a heuristic label is
-table-only knowledge. Callers that want detection pass :data:`RECOMMENDED` (``imgmig
-labels apply`` does); flipping DEFAULT is one line once those tests say which
+table-only knowledge. Callers that want detection pass :data:`RECOMMENDED` (deploy and
+``imgmig labels apply`` do); flipping DEFAULT is one line once those tests say which
 strategies they mean.
 
 A strategy only decides products where no element states ``is_label`` and no row is a
