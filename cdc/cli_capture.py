@@ -20,12 +20,21 @@ TenantsOpt = Annotated[
 def project_cmd(
     tenant: TenantsOpt = None,
     all_tenants: Annotated[bool, typer.Option("--all", help="Every tenant.")] = False,
+    mode: Annotated[
+        Optional[str],  # noqa: UP045 - Typer needs Optional here
+        typer.Option(help="First switch projection to inline or deferred (swaps triggers)."),
+    ] = None,
 ) -> None:
     """Apply pending capture events to product_images (the deferred projector)."""
     if not tenant and not all_tenants:
         raise typer.BadParameter("name a --tenant or pass --all")
+    if mode not in (None, "inline", "deferred"):
+        raise typer.BadParameter("must be inline or deferred", param_hint="--mode")
     with connect(url(), autocommit=True) as conn:
         for name in tenants_mod.resolve(conn, None if all_tenants else tenant):
+            if mode is not None:
+                with conn.transaction():
+                    project.set_mode(conn, name, mode)
             applied = project.project(conn, name)
             behind = project.lag(conn, name)
             out.print(f"{name}: {applied} products projected, {behind.pending} events pending")

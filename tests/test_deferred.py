@@ -94,12 +94,27 @@ def test_projector_catches_a_late_commit(conn: Conn, migrated_url: str) -> None:
     assert urls_of(conn, late) == [A]
 
 
+def imgmig(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "cdc", "--database-url", url, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
 def test_project_command(conn: Conn, migrated_url: str) -> None:
     """`imgmig project --tenant T` runs the projector and reports what is pending."""
     deferred(conn)
     pid = new_product(conn, [img(A, 0)])
-    cmd = [sys.executable, "-m", "cdc", "--database-url", migrated_url, "project", "-t", TENANT]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    result = imgmig(migrated_url, "project", "-t", TENANT)
     assert result.returncode == 0, result.stderr
     assert "0 events pending" in result.stdout
     assert urls_of(conn, pid) == [A]
+
+
+def test_project_command_switches_back_to_inline(conn: Conn, migrated_url: str) -> None:
+    """`imgmig project --mode inline` applies what is pending and captures inline again."""
+    deferred(conn)
+    pid = new_product(conn, [img(A, 0)])
+    result = imgmig(migrated_url, "project", "--all", "--mode", "inline")
+    assert result.returncode == 0, result.stderr
+    assert urls_of(conn, pid) == [A]
+    write_images(conn, pid, [img(B, 0)])
+    assert urls_of(conn, pid) == [B]
