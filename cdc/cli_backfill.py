@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
-import psycopg
 import structlog
 import typer
 from rich.table import Table
@@ -148,18 +147,19 @@ def _cron_run(
     """Run verify or reconcile; end with one log line and the exit code it names."""
     started = time.monotonic()
     outcomes: list[reconcile_mod.Outcome] = []
-    error: ImgmigError | psycopg.Error | None = None
+    error: Exception | None = None
     try:
         outcomes = reconcile_mod.run(url(), wanted, mode=mode, do_repair=repair)
         code = reconcile_mod.overall_exit_code(outcomes)
     except ImgmigError as exc:
         error, code = exc, exc.exit_code
-    except psycopg.Error as exc:
+    except Exception as exc:  # a bug must not exit 1, which cron reads as "repaired"
         error, code = exc, runs.ERROR
     duration = time.monotonic() - started
     if metrics_file is not None:
         metrics.write(metrics_file, outcomes, mode=mode, exit_code=code, duration_s=duration)
-    log.info(
+    emit = log.info if code in (0, 1) else log.warning if code == runs.DRIFT_LEFT else log.error
+    emit(
         f"{mode} finished",
         exit_code=code,
         tenants=len(outcomes),
@@ -172,7 +172,10 @@ def _cron_run(
     if isinstance(error, ImgmigError):
         raise error
     if error is not None:
-        print(f"imgmig: error: {str(error).strip()}", file=sys.stderr)
+        if "--debug" in sys.argv:
+            raise error
+        detail = str(error).strip() or type(error).__name__
+        print(f"imgmig: error: {detail}", file=sys.stderr)
     raise typer.Exit(code)
 
 

@@ -126,3 +126,16 @@ def test_backfill_cli_pause_resume_and_run(migrated_url: str) -> None:
     refused = imgmig(migrated_url, "backfill", "--tenant", "user_2")
     assert refused.returncode == 7
     assert "no change capture yet" in refused.stderr
+
+
+def test_a_failing_run_exits_3_with_its_json_line(migrated_url: str) -> None:
+    """A database error mid-run is exit 3, one error line, and exit_code 3 in the log."""
+    backfilled(migrated_url)
+    with psycopg.connect(migrated_url, autocommit=True) as conn:
+        conn.execute("DROP FUNCTION imgmig.images_problems(jsonb) CASCADE")
+    failed = imgmig(migrated_url, "verify", "--tenant", T)
+    assert failed.returncode == 3
+    last = last_json(failed.stderr)
+    assert (last["exit_code"], last["level"]) == (3, "error")
+    assert "images_problems" in failed.stderr  # the tenant's own error line names it
+    assert "Traceback" not in failed.stderr
