@@ -74,15 +74,15 @@ def test_seed_status_and_migrate_commands(database_url: str) -> None:
 
 
 def test_alembic_command_line_limits_to_one_tenant(seeded_url: str) -> None:
-    """Plain `alembic -x tenant=… upgrade head` works; an unknown tenant fails in one line."""
+    """Plain `alembic -x tenant=… upgrade expand` works; an unknown tenant fails in one line."""
     alembic = [sys.executable, "-m", "alembic", "-c", str(migrate.ROOT / "alembic.ini")]
     ok = subprocess.run(
-        [*alembic, "-x", f"url={seeded_url}", "-x", "tenant=user_5", "upgrade", "head"],
+        [*alembic, "-x", f"url={seeded_url}", "-x", "tenant=user_5", "upgrade", "expand"],
         capture_output=True, text=True, timeout=120, check=False, cwd=migrate.ROOT,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run(
-        [*alembic, "-x", f"url={seeded_url}", "-x", "tenant=user_9", "upgrade", "head"],
+        [*alembic, "-x", f"url={seeded_url}", "-x", "tenant=user_9", "upgrade", "expand"],
         capture_output=True, text=True, timeout=120, check=False, cwd=migrate.ROOT,
     )  # fmt: skip
     assert bad.returncode != 0
