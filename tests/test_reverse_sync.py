@@ -7,6 +7,7 @@ import threading
 import psycopg
 import pytest
 
+from cdc import project
 from tests.capture_support import (
     TENANT,
     Conn,
@@ -159,4 +160,23 @@ def test_concurrent_table_writes_to_one_product_lose_nothing(
         t.join()
     assert seen == []
     assert [e.get("alt_text") for e in images_of(c, pid)] == [f"{A}-24", f"{B}-24"]
+    assert in_sync(c, pid)
+
+
+def test_table_stage_with_deferred_projection(table_stage: Conn) -> None:
+    """In stage table with deferred projection, table writes still reach the JSONB at once
+    and legacy JSONB writes reach the rows when the projector runs."""
+    c = table_stage
+    with c.transaction():
+        project.set_mode(c, TENANT, "deferred")
+    pid = new_product(c, [img(A, 0)])
+    project.project(c, TENANT)
+    c.execute(f"UPDATE {TENANT}.product_images SET alt_text = 'svc' WHERE product_id = %s", (pid,))
+    assert images_of(c, pid) == [img(A, 0, alt_text="svc")]
+    assert events_of(c, pid)[-1][2] == "service"
+    write_images(c, pid, [img(A, 0, alt_text="svc"), img(B, 1)])
+    assert [r[1] for r in rows_of(c, pid)] == [A]
+    project.project(c, TENANT)
+    assert [r[1] for r in rows_of(c, pid)] == [A, B]
+    assert images_of(c, pid) == [img(A, 0, alt_text="svc"), img(B, 1)]
     assert in_sync(c, pid)
