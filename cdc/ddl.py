@@ -92,6 +92,7 @@ def run_ddl(
                     lock_timeout_ms=policy.lock_timeout_ms,
                     blockers=find_blockers(conn, schema),
                 ) from exc
+            _cancel_autovacuum(conn, schema)
             pause = policy.backoff(attempt)
             log.warning(
                 "ddl lock timeout; retrying",
@@ -168,3 +169,27 @@ def find_blockers(
             )
             for r in cur.fetchall()
         ]
+
+
+_AUTOVACUUM = sql.SQL(
+    """
+    SELECT a.pid, pg_cancel_backend(a.pid)
+      FROM pg_stat_activity a
+     WHERE a.backend_type = 'autovacuum worker'
+       AND a.query NOT LIKE '%%to prevent wraparound%%'
+       AND EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE l.pid = a.pid AND l.granted
+                      AND ({schema}::text IS NULL OR n.nspname = {schema}))
+    """
+)
+
+
+def _cancel_autovacuum(conn: Conn, schema: str | None) -> None:
+    """Cancel an autovacuum worker in our way, as PostgreSQL itself would after
+    ``deadlock_timeout`` (1 s), which a 500 ms ``lock_timeout`` never reaches.
+    Anti-wraparound vacuums are left alone."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(_AUTOVACUUM.format(schema=sql.Literal(schema)))
+        for pid, _ in cur.fetchall():
+            log.warning("cancelled an autovacuum worker blocking DDL", pid=pid)

@@ -13,6 +13,7 @@ import httpx
 
 from cdc.traffic import Entry, Key, Writer, new_url, removable, shuffled, with_photo
 from services.db import make_engine, tenant_session
+from services.heartbeat import Heartbeat
 from services.image_service import ProductImageService
 from services.image_types import ServiceSettings
 
@@ -74,7 +75,8 @@ class ServiceWriter(_NewCode):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.engine = make_engine(self.url, pool_size=2)
-        self.settings = ServiceSettings()
+        # Report the stage this instance serves, as a deployed service does.
+        self.settings = ServiceSettings(heartbeat=Heartbeat(self.url))
 
     def _service(self, tenant: str) -> tuple[Any, ProductImageService]:
         session = tenant_session(self.engine, tenant)
