@@ -6,16 +6,17 @@ Mounted on the main app by cdc.cli. One thin function per verb, each calling the
 from __future__ import annotations
 
 import getpass
+from datetime import UTC, datetime
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from cdc import cutover
+from cdc import cutover, project
 from cdc import stage as stage_mod
 from cdc import tenants as tenants_mod
 from cdc.cli_common import out, url
-from cdc.db import connect
+from cdc.db import Conn, connect
 from cdc.errors import KillSwitchIncompleteError, NoTenantChosenError
 
 flag_app = typer.Typer(help="Read and set the per-tenant stage flag.")
@@ -34,17 +35,30 @@ def flag_get(tenant: TenantOpt = None) -> None:
     with connect(url()) as conn:
         names = tenants_mod.resolve(conn, tenant)  # a clear error for an unknown tenant
         states = stage_mod.get_all(conn, names)
-    table = Table("tenant", "stage", "projection", "since", "by", "reason")
+        lags = {s.tenant: _lag(conn, s) for s in states}
+    table = Table("tenant", "stage", "projection", "lag", "since", "by", "reason")
     for s in states:
         table.add_row(
             s.tenant,
             s.stage.value,
             s.projection,
+            lags[s.tenant],
             f"{s.stage_changed_at:%Y-%m-%d %H:%M:%S}",
             s.changed_by or "",
             s.reason or "",
         )
     out.print(table)
+
+
+def _lag(conn: Conn, state: stage_mod.TenantState) -> str:
+    """Deferred projection: events not applied yet, and the age of the oldest."""
+    if state.projection != "deferred":
+        return "-"
+    behind = project.lag(conn, state.tenant)
+    if not behind.pending or behind.oldest is None:
+        return "0 events"
+    age = datetime.now(UTC) - behind.oldest
+    return f"{behind.pending} events, oldest {age.total_seconds():.1f} s"
 
 
 @flag_app.command("set")

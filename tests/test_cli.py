@@ -7,7 +7,8 @@ import sys
 
 import psycopg
 
-from cdc import migrate
+from cdc import cutover, migrate, project
+from cdc.stage import Stage
 
 
 def imgmig(*args: str, env_url: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -93,3 +94,21 @@ def test_alembic_command_line_limits_to_one_tenant(seeded_url: str) -> None:
             "SELECT table_schema FROM information_schema.tables WHERE table_name = 'product_images'"
         ).fetchall()
     assert rows == [("user_5",)]
+
+
+def test_flag_get_shows_deferred_projection_lag(migrated_url: str) -> None:
+    """In deferred mode `flag get` shows the events the projector has not applied yet."""
+    with psycopg.connect(migrated_url) as conn:
+        cutover.change_stage(conn, "user_5", Stage.DUAL_WRITE, reason="test")
+        project.set_mode(conn, "user_5", "deferred")
+        conn.commit()
+        conn.execute("UPDATE user_5.products SET images = '[]' WHERE id IN (1, 2)")
+        conn.commit()
+    shown = imgmig("flag", "get", "--tenant", "user_5", env_url=migrated_url)
+    assert shown.returncode == 0, shown.stderr
+    assert "deferred" in shown.stdout
+    assert "2 events" in shown.stdout
+    with psycopg.connect(migrated_url) as conn:
+        project.project(conn, "user_5")
+    again = imgmig("flag", "get", "--tenant", "user_5", env_url=migrated_url)
+    assert "0 events" in again.stdout
