@@ -85,23 +85,7 @@ def run_ddl(
             LOCK_WAITS.record(time.monotonic() - started, stmt.as_string(conn)[:120])
             return
         except errors.LockNotAvailable as exc:
-            if attempt == policy.attempts:
-                raise LockTimeoutExceededError(
-                    statement=stmt.as_string(conn),
-                    attempts=attempt,
-                    lock_timeout_ms=policy.lock_timeout_ms,
-                    blockers=find_blockers(conn, schema),
-                ) from exc
-            _cancel_autovacuum(conn, schema)
-            pause = policy.backoff(attempt)
-            log.warning(
-                "ddl lock timeout; retrying",
-                attempt=attempt,
-                of=policy.attempts,
-                sleep_s=round(pause, 3),
-                statement=stmt.as_string(conn)[:120],
-            )
-            time.sleep(pause)
+            _retry_or_give_up(conn, stmt, exc, attempt=attempt, policy=policy, schema=schema)
 
 
 def run_concurrently(
@@ -127,16 +111,39 @@ def run_concurrently(
                 conn.execute(stmt)
                 return
             except errors.LockNotAvailable as exc:
-                if attempt == policy.attempts:
-                    raise LockTimeoutExceededError(
-                        statement=stmt.as_string(conn),
-                        attempts=attempt,
-                        lock_timeout_ms=policy.lock_timeout_ms,
-                        blockers=find_blockers(conn, schema),
-                    ) from exc
-                time.sleep(policy.backoff(attempt))
+                _retry_or_give_up(conn, stmt, exc, attempt=attempt, policy=policy, schema=schema)
     finally:
         conn.execute("RESET lock_timeout")
+
+
+def _retry_or_give_up(
+    conn: Conn,
+    stmt: Query,
+    exc: errors.LockNotAvailable,
+    *,
+    attempt: int,
+    policy: LockPolicy,
+    schema: str | None,
+) -> None:
+    """After a lock timeout: raise naming the blockers if that was the last attempt;
+    otherwise cancel an autovacuum in the way, then sleep with jitter."""
+    if attempt == policy.attempts:
+        raise LockTimeoutExceededError(
+            statement=stmt.as_string(conn),
+            attempts=attempt,
+            lock_timeout_ms=policy.lock_timeout_ms,
+            blockers=find_blockers(conn, schema),
+        ) from exc
+    _cancel_autovacuum(conn, schema)
+    pause = policy.backoff(attempt)
+    log.warning(
+        "ddl lock timeout; retrying",
+        attempt=attempt,
+        of=policy.attempts,
+        sleep_s=round(pause, 3),
+        statement=stmt.as_string(conn)[:120],
+    )
+    time.sleep(pause)
 
 
 _BLOCKERS = sql.SQL(
