@@ -9,20 +9,21 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from cdc import demo as demo_mod
 from cdc import migrate as migrate_mod
 from cdc import seed as seed_mod
 from cdc import status as status_mod
 from cdc.cli_common import Settings, out, url
 from cdc.db import connect
-from cdc.demo_report import latency_rows
 from cdc.errors import ImgmigError
 from cdc.logs import LogFormat, configure
+
+if TYPE_CHECKING:
+    from cdc.demo import DemoResult
 
 app = typer.Typer(
     name="imgmig",
@@ -111,6 +112,8 @@ def demo(
     reseed: Annotated[bool, typer.Option(help="Reseed even if the same data is there.")] = False,
 ) -> None:
     """The main job: the whole migration under live traffic, then a report."""
+    from cdc import demo as demo_mod  # heavy (the API server, the services): load on use
+
     config = seed_mod.SeedConfig(products=products, labels=labels, seed=seed)
     explicit = Settings.database_url if "DATABASE_URL" not in os.environ else None
     started = time.monotonic()
@@ -127,8 +130,10 @@ def demo(
     out.print("[green]demo passed[/]: zero loss, zero drift, zero labels published")
 
 
-def print_report(result: demo_mod.DemoResult, seconds: float) -> None:
+def print_report(result: DemoResult, seconds: float) -> None:
     """The demo's report, one row per check."""
+    from cdc.demo_report import latency_rows
+
     t, p, lab = result.table, result.published, result.labels
     table = Table("check", "result", title=f"imgmig demo report ({seconds:.0f} s)")
     table.add_row("images before (seed)", f"{result.images_before:,}")

@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic.config import Config
-
-from alembic import command, op
 from cdc.db import Conn
 from cdc.ddl import DEFAULT_POLICY, LockPolicy
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported where it is used: the CLI's other verbs start faster without it.
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PGDATA = ROOT / ".imgmig" / "pgdata"
 
@@ -25,6 +26,8 @@ def alembic_config(
     url: str, tenants: Sequence[str] | None = None, *, policy: LockPolicy | None = None
 ) -> Config:
     """An Alembic config bound to ``url`` (and optionally to some tenants)."""
+    from alembic.config import Config
+
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(ROOT / "alembic"))
     cfg.attributes["url"] = url
@@ -41,6 +44,8 @@ def lock_policy() -> LockPolicy:
     ``-x lock_timeout_ms=500 -x ddl_attempts=5`` on the alembic command line, or a
     policy passed programmatically; the defaults otherwise.
     """
+    from alembic import op
+
     cfg = op.get_context().config
     if cfg is None:
         return DEFAULT_POLICY
@@ -77,6 +82,8 @@ def wanted_tenants(cfg: Config) -> list[str] | None:
 
 def x_option(name: str, default: str) -> str:
     """A ``-x name=value`` option (or ``attributes[name]``) for the running revision."""
+    from alembic import op
+
     cfg = op.get_context().config
     if cfg is None:
         return default
@@ -111,6 +118,8 @@ def upgrade(
     """
     cfg = alembic_config(url, tenants, policy=policy)
     cfg.attributes.update(options or {})
+    from alembic import command
+
     command.upgrade(cfg, revision)
 
 
@@ -125,11 +134,15 @@ def downgrade(
     """``alembic downgrade`` on every tenant (or the given ones)."""
     cfg = alembic_config(url, tenants, policy=policy)
     cfg.attributes.update(options or {})
+    from alembic import command
+
     command.downgrade(cfg, revision)
 
 
 def current_tenant() -> str:
     """The tenant schema env.py is migrating now (its version table lives there)."""
+    from alembic import op
+
     schema: Any = op.get_context().opts.get("version_table_schema")
     if not schema:
         raise RuntimeError("revision run outside the multi-tenant env.py")
@@ -138,5 +151,7 @@ def current_tenant() -> str:
 
 def raw_connection() -> Conn:
     """The psycopg connection under Alembic's, for ``psycopg.sql`` composition."""
+    from alembic import op
+
     dbapi: Any = op.get_bind().connection.dbapi_connection
     return dbapi  # type: ignore[no-any-return]
