@@ -156,6 +156,7 @@ _BLOCKERS = sql.SQL(
       LEFT JOIN pg_stat_activity a ON a.pid = l.pid
      WHERE l.granted AND l.pid <> pg_backend_pid()
        AND l.locktype = 'relation'
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
        AND ({schema}::text IS NULL OR n.nspname = {schema})
        AND n.nspname NOT IN ('pg_catalog', 'information_schema')
      ORDER BY l.pid, c.relname
@@ -183,6 +184,7 @@ _AUTOVACUUM = sql.SQL(
     SELECT a.pid, pg_cancel_backend(a.pid)
       FROM pg_stat_activity a
      WHERE a.backend_type = 'autovacuum worker'
+       AND a.datname = current_database()
        AND a.query NOT LIKE '%%to prevent wraparound%%'
        AND EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
                      JOIN pg_namespace n ON n.oid = c.relnamespace
