@@ -157,6 +157,15 @@ class Writer(threading.Thread):
         self.rng = random.Random(self.seed)
 
     def run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release what the writer opened; called when its thread ends."""
+
+    def _loop(self) -> None:
         while not self.stop.is_set():
             keys = self.ledger.owned(self.name_)
             if not keys:
@@ -183,6 +192,10 @@ class LegacyWriter(Writer):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.conn: Conn | None = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
 
     def step(self, key: Key) -> None:
         if self.conn is None or self.conn.closed:

@@ -76,7 +76,12 @@ class ServiceWriter(_NewCode):
         super().__post_init__()
         self.engine = make_engine(self.url, pool_size=2)
         # Report the stage this instance serves, as a deployed service does.
-        self.settings = ServiceSettings(heartbeat=Heartbeat(self.url))
+        self.heartbeat = Heartbeat(self.url)
+        self.settings = ServiceSettings(heartbeat=self.heartbeat)
+
+    def close(self) -> None:
+        self.heartbeat.close()
+        self.engine.dispose()
 
     def _service(self, tenant: str) -> tuple[Any, ProductImageService]:
         session = tenant_session(self.engine, tenant)
