@@ -112,9 +112,11 @@ def write_forever(url: str, stop: threading.Event, seed_no: int, done: Counter[s
         "'url', 'https://cdn.example/new/' || md5(random()::text) || '.jpg', "
         "'order', jsonb_array_length(images))) WHERE id = %s",
         "remove": "UPDATE {p} SET images = images - 0 WHERE id = %s",
-        "reorder": "UPDATE {p} SET images = (SELECT jsonb_agg(jsonb_set(e, '{{order}}', "
-        "to_jsonb(n - i)) ORDER BY n - i) FROM jsonb_array_elements(images) WITH ORDINALITY "
-        "AS x(e, i), LATERAL (SELECT jsonb_array_length(images) AS n) l) WHERE id = %s",
+        # coalesce: an array emptied by "remove" aggregates to NULL, and images is NOT NULL
+        "reorder": "UPDATE {p} SET images = coalesce((SELECT jsonb_agg(jsonb_set(e, "
+        "'{{order}}', to_jsonb(n - i)) ORDER BY n - i) FROM jsonb_array_elements(images) "
+        "WITH ORDINALITY AS x(e, i), LATERAL (SELECT jsonb_array_length(images) AS n) l), "
+        "'[]') WHERE id = %s",
         "delete": "DELETE FROM {p} WHERE id = %s",
         "insert": "INSERT INTO {p} (sku, title, images) SELECT 'N-' || %s, 'new', "
         '\'[{{"url": "https://cdn.example/i/1.jpg", "order": 0}}]\'',
