@@ -89,15 +89,6 @@ def jsonb_readers(conn: Conn, tenant: str) -> list[tuple[str, str]]:
     return [(str(r[0]), str(r[1])) for r in rows]
 
 
-def has_images_column(conn: Conn, tenant: str) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'images' "
-        "AND NOT attisdropped",
-        (sql.Identifier(tenant, "products").as_string(conn),),
-    ).fetchone()
-    return row is not None
-
-
 def archive(conn: Conn, tenant: str) -> int:
     """Copy every product's JSONB into the archive (replacing an older copy)."""
     conn.execute(_ARCHIVE_DDL.format(archive=ARCHIVE))
@@ -115,7 +106,7 @@ def archive(conn: Conn, tenant: str) -> int:
 
 def contract_tenant(conn: Conn, tenant: str, options: ContractOptions) -> int:
     """Archive, then drop ``products.images``; returns the number of products archived."""
-    if not has_images_column(conn, tenant):
+    if not cutover.jsonb_column_exists(conn, tenant):
         log.info("already contracted", tenant=tenant)
         return 0
     reasons = readiness(conn, tenant, options.min_table_age)
@@ -131,7 +122,7 @@ def contract_tenant(conn: Conn, tenant: str, options: ContractOptions) -> int:
 
 def restore_tenant(conn: Conn, tenant: str, options: ContractOptions) -> int:
     """Bring ``products.images`` back, rebuilt from ``product_images``; returns products."""
-    if not has_images_column(conn, tenant):
+    if not cutover.jsonb_column_exists(conn, tenant):
         add = sql.SQL("ALTER TABLE {} ADD COLUMN images jsonb NOT NULL DEFAULT '[]'").format(
             sql.Identifier(tenant, "products")
         )
@@ -216,7 +207,7 @@ def restore_archive(conn: Conn, tenant: str) -> int:
     Only products whose JSONB differs are written; products created after the archive are
     left alone. Refuses if the column is gone (run the downgrade first).
     """
-    if not has_images_column(conn, tenant):
+    if not cutover.jsonb_column_exists(conn, tenant):
         raise ContractRefusedError(
             tenant=tenant, reasons=("products.images does not exist; downgrade first",)
         )
