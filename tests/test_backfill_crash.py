@@ -141,7 +141,9 @@ def test_live_writers_during_the_whole_backfill_leave_no_drift(mid_url: str) -> 
     for w in writers:
         w.start()
     time.sleep(0.3)  # writes before the backfill starts, too
-    config = backfill.BackfillConfig(batch_size=50, sizer=BatchSizer(target_s=0.03))
+    # The cap keeps the run long (>= 30 batches) however fast the machine is, so the
+    # writers overlap the whole backfill rather than its first few batches.
+    config = backfill.BackfillConfig(batch_size=50, sizer=BatchSizer(target_s=0.03, maximum=100))
     try:
         result = backfill.run(mid_url, [T], config, Silent())[0]
     finally:
