@@ -202,3 +202,28 @@ def _cancel_autovacuum(conn: Conn, schema: str | None) -> None:
         cur.execute(_AUTOVACUUM.format(schema=sql.Literal(schema)))
         for pid, _ in cur.fetchall():
             log.warning("cancelled an autovacuum worker blocking DDL", pid=pid)
+
+
+def build_index_concurrently(
+    conn: Conn,
+    schema: str,
+    name: str,
+    create: sql.Composed,
+    *,
+    policy: LockPolicy = DEFAULT_POLICY,
+) -> None:
+    """Build index ``schema.name`` with ``create`` (a CREATE INDEX CONCURRENTLY IF NOT
+    EXISTS statement), unless a valid one exists. An invalid one, left behind by an
+    interrupted build, is dropped first: IF NOT EXISTS alone would keep it forever.
+    Autocommit connection (``run_concurrently``)."""
+    state = conn.execute(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid "
+        "JOIN pg_namespace n ON n.oid = x.relnamespace WHERE n.nspname = %s AND x.relname = %s",
+        (schema, name),
+    ).fetchone()
+    if state is not None and state[0]:
+        return
+    if state is not None:
+        drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, name))
+        run_concurrently(conn, drop, schema=schema, policy=policy)
+    run_concurrently(conn, create, schema=schema, policy=policy)

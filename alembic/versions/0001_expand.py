@@ -24,7 +24,7 @@ from psycopg import sql
 
 from alembic import op
 from cdc.db import Conn
-from cdc.ddl import run_concurrently, run_ddl
+from cdc.ddl import build_index_concurrently, run_ddl
 from cdc.errors import StageRefusedError
 from cdc.migrate import current_tenant, lock_policy, raw_connection
 
@@ -221,21 +221,6 @@ def _has_constraint(conn: Conn, tenant: str, name: str) -> bool:
 
 
 def _create_index(conn: Conn, tenant: str, index: Index) -> None:
-    state = conn.execute(
-        "SELECT i.indisvalid FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid "
-        "JOIN pg_namespace n ON n.oid = x.relnamespace WHERE n.nspname = %s AND x.relname = %s",
-        (tenant, index.name),
-    ).fetchone()
-    if state is not None and state[0]:
-        return
-    if state is not None:  # left invalid by an interrupted CONCURRENTLY build
-        drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}")
-        run_concurrently(
-            conn,
-            drop.format(sql.Identifier(tenant, index.name)),
-            schema=tenant,
-            policy=lock_policy(),
-        )
     create = sql.SQL(
         "CREATE {unique}INDEX CONCURRENTLY IF NOT EXISTS {name} ON {images} ({cols}){where}"
     )
@@ -250,7 +235,7 @@ def _create_index(conn: Conn, tenant: str, index: Index) -> None:
             else sql.SQL("")
         ),
     )
-    run_concurrently(conn, stmt, schema=tenant, policy=lock_policy())
+    build_index_concurrently(conn, tenant, index.name, stmt, policy=lock_policy())
 
 
 def _refuse_if_table_is_truth(conn: Conn, tenant: str) -> None:
