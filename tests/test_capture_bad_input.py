@@ -124,15 +124,45 @@ def test_cancel_is_not_swallowed(conn: Conn) -> None:
     assert images_of(conn, pid) == []
 
 
-def test_deferred_mode_records_problems_too(conn: Conn) -> None:
-    """The log-only trigger of deferred mode also records malformed values, write kept."""
+def test_deferred_mode_records_problems_when_it_projects(conn: Conn) -> None:
+    """Deferred: the write is kept and logged as is; the projector, which projects in that
+    mode, records the problem (naming the change event) once, however often it runs."""
     with conn.transaction():
         project.set_mode(conn, TENANT, "deferred")
     go(conn, "dual_write")
     pid = new_product(conn, [img("https://x/a.jpg", 0)])
-    write_images(conn, pid, [{"order": 0}, img("https://x/b.jpg", 1)])
-    kinds = {e[0]: e[1] for e in events_of(conn, pid)}
-    assert kinds["images.malformed"]["problems"] == ["element_without_url", "order_renumbered"]
-    assert rows_of(conn, pid) == []
+    bad = [{"order": 0}, img("https://x/b.jpg", 1)]
+    write_images(conn, pid, bad)
+    assert [e[0] for e in events_of(conn, pid)] == ["images.inserted", "images.updated"]
     project.project(conn, TENANT)
+    project.project(conn, TENANT)
+    seq = conn.execute(
+        "SELECT max(seq) FROM user_1.image_events WHERE aggregateid = %s::text "
+        "AND type = 'images.updated'",
+        (pid,),
+    ).fetchone()
+    malformed = [e for e in events_of(conn, pid) if e[0] == "images.malformed"]
+    assert [(e[1], e[2]) for e in malformed] == [
+        (
+            {
+                "problems": ["element_without_url", "order_renumbered"],
+                "original": bad,
+                "event": seq[0] if seq else None,
+            },
+            "legacy",
+        )
+    ]
     assert [r[1] for r in rows_of(conn, pid)] == ["https://x/b.jpg"]
+
+
+def test_projector_does_not_classify_again_what_the_inline_trigger_did(conn: Conn) -> None:
+    """A malformed write made inline is recorded by the trigger; after a switch to deferred
+    the projector's window still holds that transaction and leaves it alone."""
+    go(conn, "dual_write")
+    pid = new_product(conn, [img("https://x/a.jpg", 0)])
+    write_images(conn, pid, [{"order": 0}, img("https://x/b.jpg", 1)])
+    with conn.transaction():
+        project.set_mode(conn, TENANT, "deferred")
+    project.project(conn, TENANT)
+    kinds = [e[0] for e in events_of(conn, pid)]
+    assert kinds.count("images.malformed") == 1
