@@ -178,7 +178,7 @@ def run_tenant(
     result = worker.result
     while True:
         try:
-            with connect(url, autocommit=True, application_name=APP_NAME) as conn:
+            with connect(url, autocommit=True, application_name=APP_NAME, batch=True) as conn:
                 worker.drive(conn, restart=restart)
             result.status = "done"
             break

@@ -148,7 +148,7 @@ def run(
     run lock first (or exits at once) and repairs unless ``do_repair`` is false.
     """
     do_repair = do_repair and mode == "reconcile"
-    with connect(url, autocommit=True, application_name=APP_NAME) as conn:
+    with connect(url, autocommit=True, application_name=APP_NAME, batch=True) as conn:
         names = _eligible(conn, tenants, do_repair=do_repair)
         if mode == "reconcile":
             locks.lock_all(conn, names, mode)

@@ -12,8 +12,9 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
-from cdc import server
+from cdc import db, server
 from cdc.errors import DatabaseUnreachableError
 from services.db import make_engine, tenant_session
 from services.models import Product, ProductImage
@@ -101,3 +102,14 @@ def test_orphaned_embedded_server_is_stopped() -> None:
             break
         time.sleep(0.2)
     assert not alive
+
+
+def test_batch_connections_run_without_jit_and_keep_the_urls_options(
+    database_url: str,
+) -> None:
+    """Backfill/reconcile workers turn JIT off, on top of options the URL already sets."""
+    with_options = make_conninfo(database_url, options="-c work_mem=7MB")
+    with db.connect(with_options, batch=True) as conn:
+        jit, work_mem = (conn.execute(f"SHOW {name}").fetchone() for name in ("jit", "work_mem"))
+        assert jit == ("off",)
+        assert work_mem == ("7MB",)
