@@ -213,13 +213,17 @@ def _tune_for_tests(url: str) -> None:
 
 
 @contextlib.contextmanager
-def ephemeral_embedded() -> Iterator[Server]:
-    """A fresh embedded server in a short temp dir, stopped and deleted at exit."""
+def ephemeral_embedded(*, durable: bool = False) -> Iterator[Server]:
+    """A fresh embedded server in a short temp dir, stopped and deleted at exit.
+
+    Durability is off unless ``durable`` (benchmarks measure with PostgreSQL's defaults).
+    """
     kill_orphans()
     base = Path(tempfile.mkdtemp(prefix=TEST_DIR_PREFIX, dir="/tmp"))
     (base / "owner.pid").write_text(str(os.getpid()))
     server, handle = start_embedded(base / "d")
-    _tune_for_tests(server.url)
+    if not durable:
+        _tune_for_tests(server.url)
     try:
         yield server
     finally:
@@ -228,8 +232,12 @@ def ephemeral_embedded() -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def provide(url: str | None = None) -> Iterator[Server]:
-    """A server for tests and tools, picked in the documented order."""
+def provide(url: str | None = None, *, durable: bool = False) -> Iterator[Server]:
+    """A server for tests and tools, picked in the documented order.
+
+    ``durable``: keep the embedded server's fsync and synchronous commit on (benchmarks);
+    a server given by URL or a container is used as it is configured.
+    """
     url = url or os.environ.get("DATABASE_URL")
     if url:
         check_reachable(url)
@@ -245,5 +253,5 @@ def provide(url: str | None = None) -> Iterator[Server]:
             with stack:
                 yield container
             return
-    with ephemeral_embedded() as server:
+    with ephemeral_embedded(durable=durable) as server:
         yield server
