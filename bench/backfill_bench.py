@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=15.0)
     parser.add_argument("--target-ms", type=int, default=300)
     args = parser.parse_args()
-    with server.provide() as srv:
+    with server.provide(durable=True) as srv:
         url = fresh_db(srv.url)
         tenants = prepare(url, args.products)
         raw_rows, raw_s = raw_baseline(url, tenants)
