@@ -6,6 +6,8 @@ the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import sys
 import time
@@ -190,6 +192,17 @@ def _mount_areas() -> None:
 
 
 _mount_areas()
+
+
+#: A command-line usage error (unknown option, bad value) exits 64, EX_USAGE of sysexits.h,
+#: not Click's 2: verify and reconcile use 2 for "drift left", and a cron job must not
+#: mistake a broken command line for drift. Click reads the code from the exception
+#: class; Typer ships its own copy of Click, so both classes get it (tests/test_cli.py
+#: fails if a Typer upgrade moves it).
+USAGE_EXIT_CODE = 64
+for _module in ("click.exceptions", "typer._click.exceptions"):
+    with contextlib.suppress(ImportError):
+        importlib.import_module(_module).UsageError.exit_code = USAGE_EXIT_CODE
 
 
 def main() -> None:

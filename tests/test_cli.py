@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import psycopg
+import pytest
 
 from cdc import cutover, migrate, project
 from cdc.stage import Stage
@@ -112,3 +113,14 @@ def test_flag_get_shows_deferred_projection_lag(migrated_url: str) -> None:
         project.project(conn, "user_5")
     again = imgmig("flag", "get", "--tenant", "user_5", env_url=migrated_url)
     assert "0 events" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("verify", "--no-such-flag"), ("reconcile", "--workers", "x"), ("no-such-command",)],
+)
+def test_usage_errors_exit_64_never_a_cron_code(args: tuple[str, ...]) -> None:
+    """A broken command line exits 64 (EX_USAGE), not 2, which reconcile uses for drift."""
+    result = imgmig(*args)
+    assert result.returncode == 64, result.stderr
+    assert result.stderr.strip()
