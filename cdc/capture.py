@@ -34,7 +34,7 @@ from cdc.errors import InvalidStageError
 log = structlog.get_logger(__name__)
 
 #: The SQL files of the current version, in install order.
-CURRENT_SQL: Final = ("mapping_v1.sql", "capture_v1.sql", "capture_v2.sql")
+CURRENT_SQL: Final = ("mapping_v1.sql", "capture_v1.sql", "mapping_v2.sql", "capture_v2.sql")
 
 INSTALL_LOCK: Final = "imgmig.capture.install"
 

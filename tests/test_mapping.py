@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from calendar import monthrange
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -176,3 +178,31 @@ def test_capture_needs_a_stage(conn: Conn) -> None:
     ).fetchone() == (0,)
     go(conn, "dual_write")
     assert in_sync(conn, pid) is False
+
+
+def test_created_at_exists_exactly_when_the_calendar_has_the_day(conn: Conn) -> None:
+    """parse_created_at (v2 skips the date check for days 01-28) accepts a day exactly
+    when the month has it: days 28-31 of every month of a leap and a common year."""
+    cases = [
+        (f"{year}-{month:02d}-{day:02d}T23:59:59.999999Z", day <= monthrange(year, month)[1])
+        for year in (2024, 2025)
+        for month in range(1, 13)
+        for day in (1, 28, 29, 30, 31)
+    ]
+    cases += [("2025-02-28T00:00:00Z", True), ("2025-02-28T00:00:00.1Z", True),
+              ("2025-02-28 00:00:00Z", False), ("2025-02-28T24:00:00Z", False),
+              ("2025-13-28T00:00:00Z", False), ("2025-00-10T00:00:00Z", False),
+              ("0999-01-01T00:00:00Z", False), ("2025-02-28T00:00:00+01:00", False)]  # fmt: skip
+    rows = conn.execute(
+        "SELECT c.text, imgmig.parse_created_at(to_jsonb(c.text)) "
+        "FROM unnest(%s::text[]) AS c(text)",
+        ([text for text, _ in cases],),
+    ).fetchall()
+    parsed = dict(rows)
+    for text, exists in cases:
+        assert (parsed[text] is not None) == exists, text
+        if exists:
+            assert parsed[text] == datetime.fromisoformat(text.replace("Z", "+00:00")), text
+    for not_a_string in ("20250228", "null", "{}", '["2025-02-28T00:00:00Z"]'):
+        row = conn.execute("SELECT imgmig.parse_created_at(%s::jsonb)", (not_a_string,)).fetchone()
+        assert row == (None,)

@@ -1,12 +1,13 @@
-"""capture v2: a cheaper write path (capture_v2.sql) and a BRIN index for the event log
+"""capture v2: a cheaper write path (mapping_v2.sql, capture_v2.sql), a BRIN event-log index
 
 Revision ID: 0003_capture_v2
 Revises: 0002_capture
 Create Date: 2026-11-22
 
 Per tenant:
-1. the shared functions of ``capture_v2.sql`` (idempotent, under the install lock; they
-   replace some of v1's, same events and rows, see the file's header);
+1. the shared functions of ``mapping_v2.sql`` and ``capture_v2.sql`` (idempotent, under
+   the install lock; they replace some of v1's, same events, rows and hashes, see the
+   files' headers);
 2. ``image_events (txid)`` indexed with BRIN instead of a B-tree: the log is append-only
    and txid grows with the insertion order, so a BRIN range summary serves the
    projector's ``txid >= horizon`` scan, and an insert no longer pays a B-tree descent.
@@ -34,6 +35,7 @@ down_revision: str | None = "0002_capture"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+SQL_FILES: Final = ("mapping_v2.sql", "capture_v2.sql")
 BRIN: Final = "image_events_txid_brin"
 BTREE: Final = "image_events_txid_idx"
 # Functions capture_v2.sql adds (the others it replaces go back to v1's bodies).
@@ -43,7 +45,7 @@ ADDED_FUNCTIONS: Final = ("images_clean(jsonb)", "record_malformed(text, bigint)
 def upgrade() -> None:
     tenant = current_tenant()
     conn = raw_connection()
-    install_sql(conn, ("capture_v2.sql",))
+    install_sql(conn, SQL_FILES)
     with op.get_context().autocommit_block():
         _build(conn, tenant, BRIN, "brin")
         _drop(conn, tenant, BTREE)
