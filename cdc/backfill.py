@@ -95,15 +95,8 @@ _LOCK_AND_PROJECT: Final = sql.SQL(
             ORDER BY id LIMIT %(limit)s
               FOR NO KEY UPDATE
        ), batch AS (SELECT array_agg(id ORDER BY id) AS ids FROM locked)
-       SELECT b.ids, imgmig.snapshot(%(tenant)s, b.ids, 'backfill') FROM batch b"""
-)
-
-_MALFORMED: Final = sql.SQL(
-    """INSERT INTO {events} (aggregateid, type, payload, tenant, source)
-       SELECT p.id::text, x.type, x.payload, %(tenant)s, 'backfill'
-         FROM {products} p
-        CROSS JOIN LATERAL imgmig.change_events('snapshot', NULL, p.images) x
-        WHERE p.id = ANY (%(ids)s) AND x.type = 'images.malformed'"""
+       SELECT b.ids, s.changed, s.malformed
+         FROM batch b, imgmig.snapshot_batch(%(tenant)s, b.ids, 'backfill', true) AS s"""
 )
 
 
@@ -285,14 +278,7 @@ class _Worker:
         if not row or not ids:
             checkpoint.advance(conn, tenant, last_id=max_id, products=0, rows=0, batch_size=size)
             return None
-        rows = int(row[1] or 0)
-        malformed = conn.execute(
-            _MALFORMED.format(
-                events=sql.Identifier(tenant, "image_events"),
-                products=sql.Identifier(tenant, "products"),
-            ),
-            {"tenant": tenant, "ids": ids},
-        ).rowcount
+        rows, malformed = int(row[1] or 0), int(row[2] or 0)
         labelled = labels.apply(conn, tenant, ids, self.strategies)
         checkpoint.advance(
             conn, tenant, last_id=ids[-1], products=len(ids), rows=rows, batch_size=size

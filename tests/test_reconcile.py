@@ -140,4 +140,4 @@ def test_batch_statement_golden() -> None:
     text = backfill.lock_and_project("user_1").as_string(None)
     assert 'SELECT id FROM "user_1"."products"' in text
     assert "ORDER BY id LIMIT %(limit)s\n              FOR NO KEY UPDATE" in text
-    assert "imgmig.snapshot(%(tenant)s, b.ids, 'backfill')" in text
+    assert "imgmig.snapshot_batch(%(tenant)s, b.ids, 'backfill', true)" in text

@@ -39,7 +39,11 @@ SQL_FILES: Final = ("mapping_v2.sql", "capture_v2.sql")
 BRIN: Final = "image_events_txid_brin"
 BTREE: Final = "image_events_txid_idx"
 # Functions capture_v2.sql adds (the others it replaces go back to v1's bodies).
-ADDED_FUNCTIONS: Final = ("images_clean(jsonb)", "record_malformed(text, bigint)")
+ADDED_FUNCTIONS: Final = (
+    "images_clean(jsonb)",
+    "record_malformed(text, bigint)",
+    "snapshot_batch(text, bigint[], text, boolean)",
+)
 
 
 def upgrade() -> None:

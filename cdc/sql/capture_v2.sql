@@ -16,9 +16,9 @@
 -- 2. The inline trigger no longer reads tenant_state to learn the projection mode: the
 --    installed trigger *is* the mode (cdc.capture.triggers_for swaps them under the
 --    same lock as the mode change), and the clean legacy shape skips images_problems.
--- 3. snapshot() (the backfill and reconcile batch) inserts the rows of products that
---    have none yet in one INSERT ... SELECT through the mapping, and diffs only the
---    others; it runs with jit off (a batch statement is costed high enough to trigger
+-- 3. snapshot_batch() (the backfill batch; snapshot() for reconcile) inserts the rows of
+--    products that have none yet in one INSERT ... SELECT through the mapping, diffs only
+--    the others, and logs the malformed ones in the same statement; it runs with jit off (a batch statement is costed high enough to trigger
 --    JIT compilation, which took longer than the statement itself).
 
 -- True when the array is clean: objects with a non-empty string url, orders 0..n-1 in
@@ -230,15 +230,18 @@ BEGIN
 END
 $$;
 
--- Record and project the current images of some products as 'images.snapshot' events.
+-- Record and project the current images of some products as 'images.snapshot' events,
+-- and (p_malformed) an 'images.malformed' event for each whose images are not clean: the
+-- backfill's whole batch in one statement, where v1 needed a second pass for the problems.
 -- Products without any row yet (most of them, on a first backfill) get their rows in one
 -- INSERT ... SELECT through the mapping: that is what the diff would insert for them
 -- (every element new; labels as the elements state them, none otherwise; tags '{}',
 -- created_at now() when the element has none), without building and unpacking a plan.
 -- The others go through the diff. The caller holds the products' row locks, so no
 -- capture can add rows for them between the two statements.
-CREATE OR REPLACE FUNCTION imgmig.snapshot(p_tenant text, p_ids bigint[], p_source text)
-RETURNS integer
+CREATE OR REPLACE FUNCTION imgmig.snapshot_batch(p_tenant text, p_ids bigint[], p_source text,
+                                                 p_malformed boolean)
+RETURNS TABLE (changed integer, malformed integer)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET jit = off
@@ -247,9 +250,9 @@ DECLARE
   v_prev text := coalesce(current_setting('imgmig.syncing', true), '');
   v_ids bigint[];
   v_images jsonb[];
-  v_fresh integer;
+  v_ignored text;
 BEGIN
-  PERFORM set_config('imgmig.syncing', 'capture', true);  -- the reverse sync stays quiet
+  v_ignored := set_config('imgmig.syncing', 'capture', true);  -- the reverse sync stays quiet
   EXECUTE format($q$
     WITH cur AS (SELECT p.id, p.images FROM %1$I.products p WHERE p.id = ANY ($1)),
     ev AS (
@@ -257,6 +260,12 @@ BEGIN
       SELECT cur.id::text, 'images.snapshot',
              jsonb_build_object('op', 'snapshot', 'before', NULL, 'after', cur.images), $2, $3
         FROM cur),
+    bad AS (
+      INSERT INTO %1$I.image_events (aggregateid, type, payload, tenant, source)
+      SELECT cur.id::text, x.type, x.payload, $2, $3
+        FROM cur CROSS JOIN LATERAL imgmig.change_events('snapshot', NULL, cur.images) x
+       WHERE $4 AND x.type = 'images.malformed'
+      RETURNING 1),
     fresh AS (
       INSERT INTO %1$I.product_images (product_id, url, "order", is_label, alt_text, tags,
                                        mime_type, file_size, width, height, created_at, extra,
@@ -268,17 +277,27 @@ BEGIN
         FROM cur CROSS JOIN LATERAL imgmig.images_to_rows(cur.images) AS m
        WHERE NOT EXISTS (SELECT 1 FROM %1$I.product_images r WHERE r.product_id = cur.id)
       RETURNING 1)
-    SELECT array_agg(cur.id), array_agg(cur.images), (SELECT count(*) FROM fresh)
+    SELECT array_agg(cur.id), array_agg(cur.images), (SELECT count(*) FROM fresh),
+           (SELECT count(*) FROM bad)
       FROM cur
      WHERE EXISTS (SELECT 1 FROM %1$I.product_images r WHERE r.product_id = cur.id)$q$,
     p_tenant)
-    INTO v_ids, v_images, v_fresh USING p_ids, p_tenant, p_source;
-  PERFORM set_config('imgmig.syncing', v_prev, true);
-  IF v_ids IS NULL THEN
-    RETURN v_fresh;
+    INTO v_ids, v_images, changed, malformed USING p_ids, p_tenant, p_source, p_malformed;
+  v_ignored := set_config('imgmig.syncing', v_prev, true);
+  IF v_ids IS NOT NULL THEN
+    changed := changed + imgmig.project(p_tenant, v_ids, v_images);
   END IF;
-  RETURN v_fresh + imgmig.project(p_tenant, v_ids, v_images);
+  RETURN NEXT;
 END
+$$;
+
+-- v1's snapshot (reconcile's repair), through the batch function, problems not logged.
+CREATE OR REPLACE FUNCTION imgmig.snapshot(p_tenant text, p_ids bigint[], p_source text)
+RETURNS integer
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT s.changed FROM imgmig.snapshot_batch(p_tenant, p_ids, p_source, false) AS s
 $$;
 
 -- v1's diff projection, same plan and steps, in fewer statements (see 0. above): the plan
