@@ -212,5 +212,8 @@ def failures(result: DemoResult) -> list[str]:
     if result.drift != 0:
         out.append(f"drift after the round trip: {result.drift}")
     if result.published.flagged_labels or result.published.real_labels:
-        out.append(f"labels in marketplace payloads: {asdict(result.published)}")
+        out.append(
+            f"labels in marketplace payloads: {asdict(result.published)}; "
+            f"detection misses: {list(result.labels.misses)}"
+        )
     return out

@@ -116,6 +116,8 @@ class LabelMetrics:
     true_positive: int
     false_positive: int
     false_negative: int
+    #: The first few misses, "tenant/#pid: label L, flagged F (strategy S)", for the report.
+    misses: tuple[str, ...] = ()
 
     @property
     def precision(self) -> float:
@@ -131,13 +133,16 @@ class LabelMetrics:
 def label_metrics(conn: Conn, ledger: Ledger, tenants: list[str]) -> LabelMetrics:
     """Flagged labels against the truth, for products the ledger still has."""
     tp = fp = fn = 0
+    misses: list[str] = []
     for tenant in tenants:
         rows = conn.execute(
-            sql.SQL("SELECT product_id, url FROM {} WHERE is_label").format(
-                sql.Identifier(tenant, "product_images")
-            )
+            sql.SQL(
+                "SELECT r.product_id, max(r.url) FILTER (WHERE r.is_label), "
+                "string_agg(DISTINCT r.label_strategy, ',') FROM {} r GROUP BY r.product_id"
+            ).format(sql.Identifier(tenant, "product_images"))
         ).fetchall()
-        flagged = {int(r[0]): str(r[1]) for r in rows}
+        flagged = {int(r[0]): str(r[1]) for r in rows if r[1] is not None}
+        strategy = {int(r[0]): r[2] for r in rows}
         for (t, pid), entry in ledger.entries.items():
             if t != tenant:
                 continue
@@ -146,7 +151,11 @@ def label_metrics(conn: Conn, ledger: Ledger, tenants: list[str]) -> LabelMetric
             tp += got is not None and got == real
             fp += got is not None and got != real
             fn += real is not None and got != real
-    return LabelMetrics(tp, fp, fn)
+            if got != real and len(misses) < 5:
+                misses.append(
+                    f"{tenant}/#{pid}: label {real}, flagged {got} (strategy {strategy.get(pid)})"
+                )
+    return LabelMetrics(tp, fp, fn, tuple(misses))
 
 
 @dataclass(frozen=True)
