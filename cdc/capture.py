@@ -15,7 +15,8 @@ Triggers per stage (DESIGN.md, "Lifecycle"):
 Capture comes in two shapes, after the tenant's projection mode: ``inline`` is three
 statement-level triggers with transition tables that log and project by diff;
 ``deferred`` is three row-level triggers that only log (``UPDATE OF images`` with a
-``WHEN`` clause, so other writes cost nothing), for the projector to apply later.
+``WHEN`` clause, so other writes cost nothing), for the projector to apply later; their
+function is written per tenant (``<tenant>.imgmig_log_products_row``, capture_v3.sql).
 """
 
 from __future__ import annotations
@@ -34,32 +35,50 @@ from cdc.errors import InvalidStageError
 log = structlog.get_logger(__name__)
 
 #: The SQL files of the current version, in install order.
-CURRENT_SQL: Final = ("mapping_v1.sql", "capture_v1.sql", "mapping_v2.sql", "capture_v2.sql")
+CURRENT_SQL: Final = (
+    "mapping_v1.sql",
+    "capture_v1.sql",
+    "mapping_v2.sql",
+    "capture_v2.sql",
+    "capture_v3.sql",
+)
 
 INSTALL_LOCK: Final = "imgmig.capture.install"
+#: The deferred-mode trigger function, one per tenant (capture_v3.sql says why).
+LOG_FUNCTION: Final = "imgmig_log_products_row"
 
 
 @dataclass(frozen=True)
 class TriggerSpec:
-    """One AFTER trigger: statement-level with transition tables, or row-level."""
+    """One AFTER trigger: statement-level with transition tables, or row-level.
+
+    ``per_tenant``: the function lives in the tenant's schema (written for it by
+    ``imgmig.install_log_function``), not in ``imgmig``.
+    """
 
     name: str
     table: str
     event: str
     function: str
     row_level: bool = False
+    per_tenant: bool = False
 
-    def create(self, tenant: str) -> sql.Composed:
-        """The CREATE TRIGGER statement for ``tenant``."""
+    def create(self, tenant: str, *, replace: bool = False) -> sql.Composed:
+        """The CREATE [OR REPLACE] TRIGGER statement for ``tenant``."""
         return sql.SQL(
-            "CREATE TRIGGER {name} AFTER {event} ON {table} {how} EXECUTE FUNCTION {fn}()"
+            "CREATE {replace}TRIGGER {name} AFTER {event} ON {table} {how} EXECUTE FUNCTION {fn}()"
         ).format(
+            replace=sql.SQL("OR REPLACE " if replace else ""),
             name=sql.Identifier(self.name),
             event=sql.SQL(_ROW_EVENTS[self.event] if self.row_level else self.event),
             table=sql.Identifier(tenant, self.table),
             how=sql.SQL(_ROW_HOW[self.event] if self.row_level else _STATEMENT_HOW[self.event]),
-            fn=sql.Identifier("imgmig", self.function),
+            fn=self.function_name(tenant),
         )
+
+    def function_name(self, tenant: str) -> sql.Identifier:
+        """The trigger function, qualified."""
+        return sql.Identifier(tenant if self.per_tenant else "imgmig", self.function)
 
     def drop(self, tenant: str) -> sql.Composed:
         """The DROP TRIGGER statement for ``tenant``."""
@@ -87,7 +106,14 @@ CAPTURE: Final = tuple(
     for short, event in _EVENTS
 )
 LOG_ONLY: Final = tuple(
-    TriggerSpec(f"imgmig_log_{short}", "products", event, "log_products_row", row_level=True)
+    TriggerSpec(
+        f"imgmig_log_{short}",
+        "products",
+        event,
+        LOG_FUNCTION,
+        row_level=True,
+        per_tenant=True,
+    )
     for short, event in _EVENTS
 )
 REVERSE: Final = tuple(
@@ -128,6 +154,11 @@ def install_event_log(conn: Conn, tenant: str) -> None:
     conn.execute("SELECT imgmig.install_event_log(%s)", (tenant,))
 
 
+def install_log_function(conn: Conn, tenant: str) -> None:
+    """Write ``tenant``'s deferred-mode trigger function (idempotent, CREATE OR REPLACE)."""
+    conn.execute("SELECT imgmig.install_log_function(%s)", (tenant,))
+
+
 def installed_triggers(conn: Conn, tenant: str) -> set[str]:
     """Names of the imgmig triggers present in ``tenant``."""
     rows = conn.execute(
@@ -156,6 +187,8 @@ def apply_stage(conn: Conn, tenant: str, stage: str) -> None:
             bound.info("trigger dropped", trigger=spec.name)
     for spec in wanted:
         if spec.name not in present:
+            if spec.per_tenant:
+                install_log_function(conn, tenant)
             run_ddl(conn, spec.create(tenant), schema=tenant)
             bound.info("trigger created", trigger=spec.name)
 

@@ -1,12 +1,21 @@
-"""Revision 0002: per tenant, the shared capture functions and the tenant's event log."""
+"""Revisions 0002-0004: per tenant, the shared capture functions and the event log."""
 
 from __future__ import annotations
 
 import pytest
 
-from cdc import migrate
+from cdc import migrate, project
 from cdc.errors import StageRefusedError
-from tests.capture_support import TENANT, Conn, go, img, in_sync, new_product
+from tests.capture_support import (
+    TENANT,
+    Conn,
+    events_of,
+    go,
+    img,
+    in_sync,
+    new_product,
+    write_images,
+)
 
 
 def has_event_log(conn: Conn, tenant: str) -> bool:
@@ -92,3 +101,39 @@ def test_capture_v2_swaps_the_txid_index_and_the_last_downgrade_restores_v1(
     migrate.upgrade(migrated_url)
     assert {txid_index(conn, t) for t in tenants(conn)} == {"brin"}
     assert has_function(conn, "imgmig.images_clean(jsonb)")
+
+
+def log_function_of(conn: Conn, tenant: str) -> str | None:
+    """The function the tenant's deferred UPDATE trigger calls, schema-qualified."""
+    row = conn.execute(
+        "SELECT n.nspname || '.' || p.proname FROM pg_trigger t "
+        "JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE t.tgrelid = to_regclass(%s) AND t.tgname = 'imgmig_log_upd'",
+        (f"{tenant}.products",),
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
+def test_capture_v3_repoints_deferred_triggers_and_downgrade_puts_v2_back(
+    conn: Conn, migrated_url: str
+) -> None:
+    """0004: a deferred tenant's log triggers move to its own function, and back."""
+    with conn.transaction():
+        project.set_mode(conn, TENANT, "deferred")
+    go(conn, "dual_write")
+    assert log_function_of(conn, TENANT) == f"{TENANT}.imgmig_log_products_row"
+    migrate.downgrade(migrated_url, "0003_capture_v2", tenants=[TENANT])
+    assert log_function_of(conn, TENANT) == "imgmig.log_products_row"
+    assert not has_function(conn, f"{TENANT}.imgmig_log_products_row()")
+    assert has_function(conn, "imgmig.install_log_function(text)")  # other tenants use it
+    pid = new_product(conn, [img("https://x/a.jpg", 0)])  # v2's shared function logs
+    assert [kind for kind, _, _ in events_of(conn, pid)] == ["images.inserted"]
+    migrate.upgrade(migrated_url)
+    assert log_function_of(conn, TENANT) == f"{TENANT}.imgmig_log_products_row"
+    write_images(conn, pid, [img("https://x/b.jpg", 0)])
+    assert events_of(conn, pid)[-1][1] == {"op": "updated", "after": [img("https://x/b.jpg", 0)]}
+    go(conn, "jsonb")
+    migrate.downgrade(migrated_url, "0003_capture_v2")
+    assert not has_function(conn, "imgmig.install_log_function(text)")
+    migrate.upgrade(migrated_url)
+    assert has_function(conn, "imgmig.install_log_function(text)")

@@ -12,6 +12,7 @@ from cdc import project
 from tests.capture_support import (
     TENANT,
     Conn,
+    events_of,
     go,
     img,
     in_sync,
@@ -41,6 +42,31 @@ def test_trigger_only_logs_until_the_projector_runs(conn: Conn) -> None:
     assert project.project(conn, TENANT) >= 1
     assert urls_of(conn, pid) == [B, A]
     assert project.lag(conn, TENANT).pending == 0
+
+
+def test_log_events_carry_what_the_projector_reads_under_any_search_path(conn: Conn) -> None:
+    """The per-tenant log function names everything qualified: it logs the same events
+    with an empty search_path (where any unqualified name would fail to resolve). An
+    update's event carries 'after' only; insert and delete carry their array."""
+    deferred(conn)
+    conn.execute("SET search_path = ''")
+    pid = new_product(conn, [img(A, 0)])
+    write_images(conn, pid, [img(A, 0), img(B, 1)])
+    conn.execute(f"DELETE FROM {TENANT}.products WHERE id = %s", (pid,))
+    conn.execute("RESET search_path")
+    assert [(kind, payload, source) for kind, payload, source in events_of(conn, pid)] == [
+        ("images.inserted", {"op": "inserted", "before": None, "after": [img(A, 0)]}, "legacy"),
+        ("images.updated", {"op": "updated", "after": [img(A, 0), img(B, 1)]}, "legacy"),
+        ("images.deleted", {"op": "deleted", "before": [img(A, 0), img(B, 1)], "after": None},
+         "legacy"),
+    ]  # fmt: skip
+    fn = conn.execute(
+        "SELECT p.proconfig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = %s AND p.proname = 'imgmig_log_products_row'",
+        (TENANT,),
+    ).fetchone()
+    assert fn is not None
+    assert fn[0] is None  # no SET clause: nothing to save and restore per write
 
 
 def script(conn: Conn, tenant: str) -> dict[str, Any]:

@@ -152,7 +152,13 @@ def test_row_trigger_statement_golden() -> None:
     assert LOG_ONLY[1].create("user_2").as_string(None) == (
         'CREATE TRIGGER "imgmig_log_upd" AFTER UPDATE OF images ON "user_2"."products" '
         "FOR EACH ROW WHEN (OLD.images IS DISTINCT FROM NEW.images) "
-        'EXECUTE FUNCTION "imgmig"."log_products_row"()'
+        'EXECUTE FUNCTION "user_2"."imgmig_log_products_row"()'
+    )
+    assert (
+        LOG_ONLY[1]
+        .create("user_2", replace=True)
+        .as_string(None)
+        .startswith('CREATE OR REPLACE TRIGGER "imgmig_log_upd" AFTER UPDATE OF images')
     )
 
 

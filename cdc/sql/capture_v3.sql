@@ -1,0 +1,59 @@
+-- capture v3: a cheaper deferred-mode trigger. Requires capture_v2.sql. Frozen: a later
+-- change ships as capture_v4.sql. Measured against v2 in BENCHMARKS.md ("Change capture
+-- overhead").
+--
+-- What changed, and why it is safe:
+-- 1. The deferred log trigger is one function per tenant, <tenant>.imgmig_log_products_row(),
+--    written by imgmig.install_log_function() with the tenant's table composed in (format
+--    %I). v2's shared function had to point search_path at the tenant on every write
+--    (its SET clause plus set_config): two GUC changes and a namespace-path recomputation
+--    per row, about 0.1 of the benchmark's ratio. The per-tenant function needs neither:
+--    every name in it is schema-qualified (tables by composition; functions, types and
+--    operators under pg_catalog, OPERATOR(pg_catalog.=) included), so no lookup in it
+--    consults search_path at all, which is what pinning search_path guarantees.
+-- 2. An 'images.updated' event of deferred mode carries 'after' only, not 'before': a
+--    whole-array payload is about 1.6 kB, both copies (3.3 kB) cross the 2 kB TOAST
+--    threshold and are compressed on every write. The projector and replay read 'after'
+--    only; an update's 'before' is the 'after' of the product's previous event. Inserts
+--    carry 'after' and deletes 'before', as in v2. Inline mode is unchanged.
+
+CREATE OR REPLACE FUNCTION imgmig.install_log_function(p_tenant text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $install$
+BEGIN
+  EXECUTE format($f$
+CREATE OR REPLACE FUNCTION %1$I.imgmig_log_products_row()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $body$
+BEGIN
+  IF pg_catalog.current_setting('imgmig.syncing', true) OPERATOR(pg_catalog.=) 'capture' THEN
+    RETURN NULL;
+  END IF;
+  INSERT INTO %1$I.image_events (aggregateid, type, payload, tenant, source)
+  VALUES (
+    CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN OLD.id ELSE NEW.id END::pg_catalog.text,
+    CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN 'images.updated'
+         WHEN TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN 'images.inserted'
+         ELSE 'images.deleted' END,
+    CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE'
+           THEN pg_catalog.jsonb_build_object('op', 'updated', 'after', NEW.images)
+         WHEN TG_OP OPERATOR(pg_catalog.=) 'INSERT'
+           THEN pg_catalog.jsonb_build_object('op', 'inserted', 'before', NULL, 'after', NEW.images)
+         ELSE pg_catalog.jsonb_build_object('op', 'deleted', 'before', OLD.images, 'after', NULL)
+    END,
+    %2$L,
+    CASE WHEN pg_catalog.current_setting('imgmig.source', true) OPERATOR(pg_catalog.=)
+                ANY ('{legacy,service,backfill,reconcile}'::pg_catalog.text[])
+           THEN pg_catalog.current_setting('imgmig.source', true)
+         WHEN pg_catalog.current_setting('imgmig.syncing', true) OPERATOR(pg_catalog.=) 'reverse'
+           THEN 'service'
+         ELSE 'legacy' END);
+  RETURN NULL;
+END
+$body$
+$f$, p_tenant, p_tenant);
+END
+$install$;
