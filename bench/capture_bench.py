@@ -11,6 +11,9 @@ One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
    trigger), ``inline`` (dual_write, inline projection), ``deferred`` (dual_write, the
    trigger appends the event only). The modes take turns in ``--rounds`` slices of
    ``--seconds / --rounds`` each, so load drifting on a shared machine hits all alike.
+   Deferred mode runs twice: ``deferred`` as after a backfill (the tenant's log complete,
+   so an update's event carries ``after`` only) and ``deferred_pre`` as before one (its
+   events keep ``before`` too, see cdc/sql/capture_v3.sql).
    The workload: ``--clients`` processes, each with its own connection, in autocommit,
    each statement a single-row legacy UPDATE of ``products.images`` on a random product:
    swap the first two images (a reorder), append an image, or drop the last one.
@@ -43,13 +46,13 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from cdc import migrate, project, server, stage
+from cdc import capture, migrate, project, server, stage
 from cdc.seed import SeedConfig, seed
 
 TENANT = "user_1"
 DB = "imgmig_capture_bench"
-MODES = ("none", "inline", "deferred", "ref_event", "ref_naive")
-TARGETS = {"inline": 0.6, "deferred": 0.85}
+MODES = ("none", "inline", "deferred", "deferred_pre", "ref_event", "ref_naive")
+TARGETS = {"inline": 0.6, "deferred": 0.85, "deferred_pre": 0.85}
 
 # The reference triggers (bench only, in their own schema); one row trigger each.
 REFERENCE_SQL = """
@@ -161,9 +164,12 @@ def set_mode(url: str, mode: str) -> None:
     products = sql.Identifier(TENANT, "products")
     with psycopg.connect(url) as conn:
         conn.execute(sql.SQL("DROP TRIGGER IF EXISTS bench_ref ON {}").format(products))
-        project.set_mode(conn, TENANT, "deferred" if mode == "deferred" else "inline")
+        deferred = mode.startswith("deferred")
+        project.set_mode(conn, TENANT, "deferred" if deferred else "inline")
         target = "dual_write" if mode in TARGETS else "jsonb"
         stage.set_stage(conn, TENANT, target, reason="benchmark", actor="bench", force=True)
+        if deferred:  # after a backfill (the log complete: updates log 'after'), or before
+            capture.install_log_function(conn, TENANT, before=mode == "deferred_pre")
         if mode.startswith("ref_"):
             conn.execute(
                 sql.SQL(

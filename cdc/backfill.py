@@ -29,7 +29,7 @@ import psycopg
 import structlog
 from psycopg import errors, sql
 
-from cdc import checkpoint, labels, locks
+from cdc import capture, checkpoint, labels, locks
 from cdc import stage as stage_mod
 from cdc.db import Conn, connect
 from cdc.errors import ImgmigError, StageRefusedError
@@ -230,6 +230,7 @@ class _Worker:
             limiter.wait(batch.rows)
         with conn.transaction():
             checkpoint.finish(conn, self.tenant)
+            capture.refresh_log_function(conn, self.tenant)  # the log is complete now
 
     def _account(self, batch: Batch) -> None:
         self.result.products += batch.products

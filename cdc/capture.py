@@ -28,6 +28,7 @@ from typing import Final
 import structlog
 from psycopg import sql
 
+from cdc import checkpoint
 from cdc.db import Conn
 from cdc.ddl import run_ddl
 from cdc.errors import InvalidStageError
@@ -154,9 +155,22 @@ def install_event_log(conn: Conn, tenant: str) -> None:
     conn.execute("SELECT imgmig.install_event_log(%s)", (tenant,))
 
 
-def install_log_function(conn: Conn, tenant: str) -> None:
-    """Write ``tenant``'s deferred-mode trigger function (idempotent, CREATE OR REPLACE)."""
-    conn.execute("SELECT imgmig.install_log_function(%s)", (tenant,))
+def install_log_function(conn: Conn, tenant: str, *, before: bool | None = None) -> None:
+    """Write ``tenant``'s deferred-mode trigger function (idempotent, CREATE OR REPLACE).
+
+    ``before``: whether update events keep the old array too. By default, until the
+    tenant's log is complete (``checkpoint.log_complete``): before that, an update's
+    ``before`` is the only copy of what the product held when capture began.
+    """
+    if before is None:
+        before = not checkpoint.log_complete(conn, tenant)
+    conn.execute("SELECT imgmig.install_log_function(%s, %s)", (tenant, before))
+
+
+def refresh_log_function(conn: Conn, tenant: str) -> None:
+    """Rewrite ``tenant``'s log function for its current log state, if it has one."""
+    if LOG_ONLY[1].name in installed_triggers(conn, tenant):
+        install_log_function(conn, tenant)
 
 
 def installed_triggers(conn: Conn, tenant: str) -> set[str]:

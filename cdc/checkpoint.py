@@ -118,6 +118,16 @@ def capture_gap(conn: Conn, cp: Checkpoint) -> bool:
     return bool(cp.started_at is not None and row and row[0])
 
 
+def log_complete(conn: Conn, tenant: str) -> bool:
+    """Does the tenant's event log hold every product's images since capture has been on?
+
+    True once a backfill has finished (an ``images.snapshot`` event per product) and the
+    tenant has not been back at stage ``jsonb`` since it began.
+    """
+    cp = read(conn, tenant)
+    return cp is not None and cp.status == "done" and not capture_gap(conn, cp)
+
+
 def remaining(conn: Conn, tenant: str, cp: Checkpoint) -> int:
     """Products left to visit (for progress and ETA)."""
     row = conn.execute(

@@ -125,15 +125,17 @@ def test_capture_v3_repoints_deferred_triggers_and_downgrade_puts_v2_back(
     migrate.downgrade(migrated_url, "0003_capture_v2", tenants=[TENANT])
     assert log_function_of(conn, TENANT) == "imgmig.log_products_row"
     assert not has_function(conn, f"{TENANT}.imgmig_log_products_row()")
-    assert has_function(conn, "imgmig.install_log_function(text)")  # other tenants use it
+    assert has_function(conn, "imgmig.install_log_function(text, boolean)")  # other tenants use it
     pid = new_product(conn, [img("https://x/a.jpg", 0)])  # v2's shared function logs
     assert [kind for kind, _, _ in events_of(conn, pid)] == ["images.inserted"]
     migrate.upgrade(migrated_url)
     assert log_function_of(conn, TENANT) == f"{TENANT}.imgmig_log_products_row"
     write_images(conn, pid, [img("https://x/b.jpg", 0)])
-    assert events_of(conn, pid)[-1][1] == {"op": "updated", "after": [img("https://x/b.jpg", 0)]}
+    payload = events_of(conn, pid)[-1][1]  # no backfill yet: 'before' is kept
+    assert payload["after"] == [img("https://x/b.jpg", 0)]
+    assert payload["before"] == [img("https://x/a.jpg", 0)]
     go(conn, "jsonb")
     migrate.downgrade(migrated_url, "0003_capture_v2")
-    assert not has_function(conn, "imgmig.install_log_function(text)")
+    assert not has_function(conn, "imgmig.install_log_function(text, boolean)")
     migrate.upgrade(migrated_url)
-    assert has_function(conn, "imgmig.install_log_function(text)")
+    assert has_function(conn, "imgmig.install_log_function(text, boolean)")

@@ -8,12 +8,14 @@ from typing import Any
 
 import psycopg
 
-from cdc import project
+from cdc import backfill, project
+from cdc.progress import Silent
 from tests.capture_support import (
     TENANT,
     Conn,
     events_of,
     go,
+    images_of,
     img,
     in_sync,
     new_product,
@@ -46,8 +48,8 @@ def test_trigger_only_logs_until_the_projector_runs(conn: Conn) -> None:
 
 def test_log_events_carry_what_the_projector_reads_under_any_search_path(conn: Conn) -> None:
     """The per-tenant log function names everything qualified: it logs the same events
-    with an empty search_path (where any unqualified name would fail to resolve). An
-    update's event carries 'after' only; insert and delete carry their array."""
+    with an empty search_path (where any unqualified name would fail to resolve). Before
+    any backfill an update's event keeps 'before' too: it is the only copy of it."""
     deferred(conn)
     conn.execute("SET search_path = ''")
     pid = new_product(conn, [img(A, 0)])
@@ -56,7 +58,8 @@ def test_log_events_carry_what_the_projector_reads_under_any_search_path(conn: C
     conn.execute("RESET search_path")
     assert [(kind, payload, source) for kind, payload, source in events_of(conn, pid)] == [
         ("images.inserted", {"op": "inserted", "before": None, "after": [img(A, 0)]}, "legacy"),
-        ("images.updated", {"op": "updated", "after": [img(A, 0), img(B, 1)]}, "legacy"),
+        ("images.updated", {"op": "updated", "before": [img(A, 0)],
+                            "after": [img(A, 0), img(B, 1)]}, "legacy"),
         ("images.deleted", {"op": "deleted", "before": [img(A, 0), img(B, 1)], "after": None},
          "legacy"),
     ]  # fmt: skip
@@ -67,6 +70,34 @@ def test_log_events_carry_what_the_projector_reads_under_any_search_path(conn: C
     ).fetchone()
     assert fn is not None
     assert fn[0] is None  # no SET clause: nothing to save and restore per write
+
+
+def test_update_events_drop_before_once_the_backfill_completed_the_log(
+    conn: Conn, migrated_url: str
+) -> None:
+    """After a finished backfill (a snapshot of every product, capture on since), an
+    update's event carries 'after' only; back at jsonb and forward again, the log has a
+    gap, so 'before' comes back until the next backfill finishes."""
+    deferred(conn)
+    pid = new_product(conn, [img(A, 0)])
+
+    def last_update_payload() -> Any:
+        write_images(conn, pid, [img(B, 0), img(A, 1)] if urls_of_images(conn, pid)[0] == A
+                     else [img(A, 0), img(B, 1)])  # fmt: skip
+        return events_of(conn, pid)[-1][1]
+
+    assert "before" in last_update_payload()
+    backfill.run(migrated_url, [TENANT], backfill.BackfillConfig(workers=1), Silent())
+    assert set(last_update_payload()) == {"op", "after"}
+    go(conn, "jsonb")
+    go(conn, "dual_write")
+    assert "before" in last_update_payload()
+    backfill.run(migrated_url, [TENANT], backfill.BackfillConfig(workers=1), Silent())
+    assert set(last_update_payload()) == {"op", "after"}
+
+
+def urls_of_images(conn: Conn, pid: int) -> list[str]:
+    return [e["url"] for e in images_of(conn, pid)]
 
 
 def script(conn: Conn, tenant: str) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def downgrade() -> None:
     left = conn.execute("SELECT count(*) FROM pg_proc WHERE proname = %s", (LOG_FUNCTION,))
     row = left.fetchone()
     if row is not None and int(row[0]) == 0:
-        conn.execute("DROP FUNCTION IF EXISTS imgmig.install_log_function(text)")
+        conn.execute("DROP FUNCTION IF EXISTS imgmig.install_log_function(text, boolean)")
 
 
 def _repoint(conn: Conn, tenant: str, specs: tuple[TriggerSpec, ...]) -> None:

@@ -11,13 +11,19 @@
 --    every name in it is schema-qualified (tables by composition; functions, types and
 --    operators under pg_catalog, OPERATOR(pg_catalog.=) included), so no lookup in it
 --    consults search_path at all, which is what pinning search_path guarantees.
--- 2. An 'images.updated' event of deferred mode carries 'after' only, not 'before': a
---    whole-array payload is about 1.6 kB, both copies (3.3 kB) cross the 2 kB TOAST
---    threshold and are compressed on every write. The projector and replay read 'after'
---    only; an update's 'before' is the 'after' of the product's previous event. Inserts
---    carry 'after' and deletes 'before', as in v2. Inline mode is unchanged.
+-- 2. Once the tenant's log is complete, an 'images.updated' event of deferred mode carries
+--    'after' only, not 'before'. A whole-array payload is about 1.6 kB; both copies
+--    (3.3 kB) cross the 2 kB TOAST threshold and are compressed on every write. The
+--    projector and replay read 'after' only, and an update's 'before' is then the 'after'
+--    of the product's previous event. "Complete" (p_before false) means the backfill has
+--    logged an 'images.snapshot' of every product and capture has been on ever since
+--    (cdc.checkpoint.log_complete); until then 'before' is the only copy of a product's
+--    images before its first captured change, so it stays. The backfill rewrites the
+--    function when it finishes (CREATE OR REPLACE FUNCTION: no lock on the table).
+--    Inserts carry 'after' and deletes 'before', as in v2. Inline mode is unchanged.
 
-CREATE OR REPLACE FUNCTION imgmig.install_log_function(p_tenant text)
+CREATE OR REPLACE FUNCTION imgmig.install_log_function(p_tenant text,
+                                                      p_before boolean DEFAULT true)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -39,7 +45,7 @@ BEGIN
          WHEN TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN 'images.inserted'
          ELSE 'images.deleted' END,
     CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE'
-           THEN pg_catalog.jsonb_build_object('op', 'updated', 'after', NEW.images)
+           THEN pg_catalog.jsonb_build_object('op', 'updated', %3$s'after', NEW.images)
          WHEN TG_OP OPERATOR(pg_catalog.=) 'INSERT'
            THEN pg_catalog.jsonb_build_object('op', 'inserted', 'before', NULL, 'after', NEW.images)
          ELSE pg_catalog.jsonb_build_object('op', 'deleted', 'before', OLD.images, 'after', NULL)
@@ -54,6 +60,7 @@ BEGIN
   RETURN NULL;
 END
 $body$
-$f$, p_tenant, p_tenant);
+$f$, p_tenant, p_tenant,
+     CASE WHEN p_before THEN $e$'before', OLD.images, $e$ ELSE '' END);
 END
 $install$;
