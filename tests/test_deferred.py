@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import psycopg
@@ -175,3 +176,42 @@ def test_project_command_switches_back_to_inline(conn: Conn, migrated_url: str) 
     assert urls_of(conn, pid) == [A]
     write_images(conn, pid, [img(B, 0)])
     assert urls_of(conn, pid) == [B]
+
+
+def test_concurrent_log_function_rewrites_queue_instead_of_failing(
+    conn: Conn, migrated_url: str
+) -> None:
+    """Two transactions rewriting one tenant's log function (the backfill finishing while
+    a stage change reinstalls the triggers) run one after the other; neither fails."""
+    with psycopg.connect(migrated_url) as first, psycopg.connect(migrated_url) as second:
+        first.execute("SELECT imgmig.install_log_function(%s, false)", (TENANT,))
+        second_pid = second.info.backend_pid
+        errors: list[BaseException] = []
+
+        def rewrite() -> None:
+            try:
+                second.execute("SELECT imgmig.install_log_function(%s, true)", (TENANT,))
+                second.commit()
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=rewrite)
+        worker.start()
+        waiting = False
+        for _ in range(200):
+            row = conn.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (second_pid,)
+            ).fetchone()
+            if row is not None and row[0] == "Lock":
+                waiting = True
+                break
+            threading.Event().wait(0.05)
+        first.commit()
+        worker.join()
+    assert waiting  # the second rewrite queued behind the first
+    assert errors == []
+    fn = conn.execute(
+        "SELECT pg_get_functiondef(%s::regprocedure)", (f"{TENANT}.imgmig_log_products_row()",)
+    ).fetchone()
+    assert fn is not None
+    assert "'before', OLD.images, 'after', NEW.images" in str(fn[0])  # the last one won

@@ -31,6 +31,9 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $install$
 BEGIN
+  -- Two concurrent CREATE OR REPLACE of one function can fail with "tuple concurrently
+  -- updated" (the backfill finishing while a stage change reinstalls the triggers): queue.
+  PERFORM pg_advisory_xact_lock(hashtext('imgmig.install_log_function'), hashtext(p_tenant));
   EXECUTE format($f$
 CREATE OR REPLACE FUNCTION %1$I.imgmig_log_products_row()
 RETURNS trigger
