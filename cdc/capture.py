@@ -199,10 +199,10 @@ def apply_stage(conn: Conn, tenant: str, stage: str) -> None:
         if spec.name in present and spec not in wanted:
             run_ddl(conn, spec.drop(tenant), schema=tenant)
             bound.info("trigger dropped", trigger=spec.name)
+    if any(spec.per_tenant and spec.name not in present for spec in wanted):
+        install_log_function(conn, tenant)
     for spec in wanted:
         if spec.name not in present:
-            if spec.per_tenant:
-                install_log_function(conn, tenant)
             run_ddl(conn, spec.create(tenant), schema=tenant)
             bound.info("trigger created", trigger=spec.name)
 
