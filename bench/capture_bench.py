@@ -29,6 +29,11 @@ measured 0.27x here and an insert-one-event trigger 0.80x"):
 * ``ref_naive``: a row trigger that deletes the product's rows and re-inserts one per
   element (no event, no canonical mapping, table-only metadata lost).
 
+``--ab`` runs, instead of the modes above, the deferred log trigger's versions as bench
+row triggers in the same rounds: ``v2`` (capture v2's shared function), ``v3_before`` and
+``v3_after`` (copies of capture v3's per-tenant function as before and after a backfill),
+with ``ref_event``.
+
 The embedded server keeps PostgreSQL's default durability here (fsync and synchronous
 commit on, as in production; the test suite turns them off); a ``DATABASE_URL`` server is
 used as configured, and the settings are printed.
@@ -52,6 +57,16 @@ from cdc.seed import SeedConfig, seed
 TENANT = "user_1"
 DB = "imgmig_capture_bench"
 MODES = ("none", "inline", "deferred", "deferred_pre", "ref_event", "ref_naive")
+# --ab: the deferred log trigger's versions side by side, each as a bench row trigger.
+AB_MODES = ("none", "v2", "v3_before", "v3_after", "ref_event")
+# The bench row trigger's function per mode; ref_* are bench.<mode>.
+BENCH_FUNCTIONS = {
+    "v2": sql.Identifier("imgmig", "log_products_row"),  # capture v2's shared function
+    "v3_before": sql.Identifier("bench", "v3_before"),
+    "v3_after": sql.Identifier("bench", "v3_after"),
+    "ref_event": sql.Identifier("bench", "ref_event"),
+    "ref_naive": sql.Identifier("bench", "ref_naive"),
+}
 TARGETS = {"inline": 0.6, "deferred": 0.85, "deferred_pre": 0.85}
 
 # The reference triggers (bench only, in their own schema); one row trigger each.
@@ -157,6 +172,18 @@ def prepare(base_url: str, products: int) -> str:
         conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(TENANT, "products")))
         conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(TENANT, "product_images")))
         conn.execute(REFERENCE_SQL)
+        for before, name in ((True, "v3_before"), (False, "v3_after")):  # copies for --ab
+            capture.install_log_function(conn, TENANT, before=before)
+            conn.execute(
+                sql.SQL("ALTER FUNCTION {}() SET SCHEMA bench").format(
+                    sql.Identifier(TENANT, capture.LOG_FUNCTION)
+                )
+            )
+            conn.execute(
+                sql.SQL("ALTER FUNCTION {}() RENAME TO {}").format(
+                    sql.Identifier("bench", capture.LOG_FUNCTION), sql.Identifier(name)
+                )
+            )
     return url
 
 
@@ -170,12 +197,12 @@ def set_mode(url: str, mode: str) -> None:
         stage.set_stage(conn, TENANT, target, reason="benchmark", actor="bench", force=True)
         if deferred:  # after a backfill (the log complete: updates log 'after'), or before
             capture.install_log_function(conn, TENANT, before=mode == "deferred_pre")
-        if mode.startswith("ref_"):
+        if mode in BENCH_FUNCTIONS:
             conn.execute(
                 sql.SQL(
                     "CREATE TRIGGER bench_ref AFTER UPDATE OF images ON {} FOR EACH ROW "
                     "WHEN (OLD.images IS DISTINCT FROM NEW.images) EXECUTE FUNCTION {}()"
-                ).format(products, sql.Identifier("bench", mode))
+                ).format(products, BENCH_FUNCTIONS[mode])
             )
 
 
@@ -185,7 +212,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--ab",
+        action="store_true",
+        help="compare the deferred trigger's versions instead (v2, v3 with/without before)",
+    )
     args = parser.parse_args()
+    modes = AB_MODES if args.ab else MODES
     with server.provide(os.environ.get("DATABASE_URL"), durable=True) as srv:
         print(f"server: {srv.kind}; preparing {args.products} products ...", flush=True)
         url = prepare(srv.url, args.products)
@@ -195,9 +228,9 @@ def main() -> None:
                 "SELECT string_agg(name || '=' || setting, ', ' ORDER BY name) "
                 "FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit')"
             ).fetchone()
-        done: dict[str, list[float]] = {mode: [] for mode in MODES}
+        done: dict[str, list[float]] = {mode: [] for mode in modes}
         for turn in range(args.rounds):
-            for mode in MODES:
+            for mode in modes:
                 set_mode(url, mode)
                 slice_s = args.seconds / args.rounds
                 rate = run_phase(url, clients=args.clients, seconds=slice_s, max_id=args.products)
@@ -214,7 +247,7 @@ def main() -> None:
             f"{args.clients} clients, {args.seconds:.0f} s per mode in {args.rounds} rounds"
         )
         print(f"no trigger  {tps['none']:9.0f} tx/s")
-        for mode in MODES[1:]:
+        for mode in modes[1:]:
             ratio = tps[mode] / tps["none"]
             target = TARGETS.get(mode)
             verdict = (

@@ -11,8 +11,9 @@
 --    pg_catalog, OPERATOR(pg_catalog.=) included), so no lookup in it consults search_path
 --    at all, which is what pinning search_path guarantees. Being per tenant, its body can
 --    change (2.) with CREATE OR REPLACE FUNCTION, which takes no lock on products.
---    (Measured alone, dropping the search_path switch did not move the benchmark: 0.67x
---    for v2 and for this function with 'before'; 0.74x without 'before'.)
+--    (Measured alone, dropping the search_path switch hardly moved the benchmark: 0.67x
+--    for v2, 0.67-0.69x for this function with 'before', 0.74x without; --ab in
+--    bench/capture_bench.py.)
 -- 2. Once the tenant's log is complete, an 'images.updated' event of deferred mode carries
 --    'after' only, not 'before'. A whole-array payload is about 1.6 kB; both copies
 --    (3.3 kB) cross the 2 kB TOAST threshold and are compressed on every write. The
