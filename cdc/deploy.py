@@ -18,7 +18,7 @@ from enum import StrEnum
 import structlog
 from psycopg import sql
 
-from cdc import backfill, contract, cutover, labels, migrate, reconcile
+from cdc import backfill, contract, cutover, label_heuristics, labels, migrate, reconcile
 from cdc import stage as stage_mod
 from cdc.backfill import BackfillConfig, Progress
 from cdc.db import Conn, connect
@@ -174,6 +174,7 @@ class _Runner:
                 self._stage(tenant, Stage.TABLE, force_why="empty tenant: nothing to shadow-read")
             else:
                 self._wait_for_shadow(tenant)
+                self._refresh_labels(tenant)
                 self._stage(tenant, Stage.TABLE)
         else:
             self._stage(tenant, Stage(step.value))
@@ -183,6 +184,12 @@ class _Runner:
         with connect(self.url) as conn:
             cutover.change_stage(conn, tenant, target, reason=reason, force=force_why is not None)
             conn.commit()
+
+    def _refresh_labels(self, tenant: str) -> None:
+        """Before the table is served: label decisions re-derived on today's images."""
+        with connect(self.url, autocommit=True, batch=True) as conn:
+            changed = label_heuristics.refresh_tenant(conn, tenant)
+        log.info("label decisions refreshed", tenant=tenant, changed=changed)
 
     def _empty(self, tenant: str) -> bool:
         with connect(self.url, autocommit=True) as conn:

@@ -66,21 +66,29 @@ DEFAULT_LR: Final[dict[str, float]] = {
 MIN_SAMPLE: Final = 20
 MIN_BIN: Final = 5
 
-# Candidate (last by order, not a known photo) and its feature bins, per product of
-# `undecided`. {images} has (id, product_id, url, "order", created_at, mime_type, width,
-# height, extra); {known_photo} is a condition on r (the candidate row). A row whose
-# element had no created_at holds the projection time, marked in extra."$absent": it
-# says nothing about the gap.
+# Candidates and their feature bins, per product of `undecided`: the last image by order
+# that is not a known photo and, when {current_label} is a condition on r, the image that
+# is the label now (a refresh keeps a label a photo was appended after). {images} has
+# (id, product_id, url, "order", created_at, mime_type, width, height, extra);
+# {known_photo} is a condition on r. A row whose element had no created_at holds the
+# projection time, marked in extra."$absent": it says nothing about the gap.
 _FEATURES: LiteralString = """
-cand AS (
-    SELECT DISTINCT ON (r.product_id) r.product_id, r.id, r.url, r.mime_type, r.width,
-           r.height,
+cand_rows AS (
+    (SELECT DISTINCT ON (r.product_id) r.product_id, r.id, r.url, r.mime_type, r.width,
+            r.height, r.created_at, r.extra
+       FROM {images} r JOIN undecided u ON u.product_id = r.product_id
+      WHERE NOT ({known_photo})
+      ORDER BY r.product_id, r."order" DESC, r.id DESC)
+    UNION
+    SELECT r.product_id, r.id, r.url, r.mime_type, r.width, r.height, r.created_at, r.extra
+      FROM {images} r JOIN undecided u ON u.product_id = r.product_id
+     WHERE ({current_label}) AND NOT ({known_photo})
+), cand AS (
+    SELECT r.product_id, r.id, r.url, r.mime_type, r.width, r.height,
            CASE WHEN NOT coalesce(r.extra -> '$absent' ? 'created_at', false)
                 THEN r.created_at END AS created_at,
            lower(substring(r.url FROM '\\.([A-Za-z0-9]+)(?:[?#].*)?$')) AS ext
-      FROM {images} r JOIN undecided u ON u.product_id = r.product_id
-     WHERE NOT ({known_photo})
-     ORDER BY r.product_id, r."order" DESC, r.id DESC
+      FROM cand_rows r
 ), feat AS (
     SELECT c.product_id, c.id, c.url,
            CASE WHEN c.mime_type ILIKE 'image/png' THEN 'png'
@@ -130,16 +138,22 @@ lr AS (
            greatest(l_ext, l_gap, l_dim) >= ln(%(strong)s)
              AND least(l_ext, l_gap, l_dim) <= -ln(%(strong)s) AS disagree
       FROM lr
+), best AS (
+    SELECT DISTINCT ON (s.product_id) s.* FROM scored s ORDER BY s.product_id, s.p DESC, s.id DESC
 ), decided AS (
     SELECT s.*, s.p >= 0.5 AS proposed,
-           least(%(cap)s, greatest(s.p, 1 - s.p))::real AS conf
-      FROM scored s
+           least(%(cap)s, greatest(s.p, 1 - s.p))::real AS conf,
+           (SELECT r.id FROM {images} r WHERE r.product_id = s.product_id AND r.is_label)
+             IS DISTINCT FROM CASE WHEN s.p >= 0.5 THEN s.id END AS moved
+      FROM best s
 ), upd AS (
     UPDATE {images} r
        SET is_label = d.proposed AND r.id = d.id,
            label_strategy = %(name)s, label_confidence = d.conf, updated_at = now()
       FROM decided d
      WHERE r.product_id = d.product_id
+       AND (r.is_label, r.label_strategy, r.label_confidence)
+           IS DISTINCT FROM (d.proposed AND r.id = d.id, %(name)s, d.conf)
     RETURNING r.is_label
 ), queued AS (
     INSERT INTO imgmig.label_review (tenant, product_id, image_id, url, strategy, confidence,
@@ -152,20 +166,46 @@ lr AS (
     ON CONFLICT (tenant, product_id) WHERE decided_at IS NULL DO NOTHING
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM upd WHERE is_label), (SELECT count(*) FROM queued)
+SELECT (SELECT count(*) FROM upd WHERE is_label), (SELECT count(*) FROM queued),
+       (SELECT count(*) FROM decided WHERE moved)
 """
+
+
+# Products of the batch whose decision is this heuristic's alone: every row carries its
+# name or none (a row added since). Explicit flags, evidence and review decisions are
+# final; a metadata decision is a function of the images and is re-derived when they
+# change. Reads only the table, so it works after the contract too.
+_DECIDED_BY_ME: LiteralString = """
+    SELECT r.product_id
+      FROM {images} r
+     WHERE r.product_id = ANY (%(ids)s)
+     GROUP BY r.product_id
+    HAVING bool_and(r.label_strategy IS NULL OR r.label_strategy = %(name)s)
+       AND bool_or(r.label_strategy = %(name)s)
+"""
+
+
+def _statement(tenant: str, decide: LiteralString, current_label: LiteralString) -> sql.Composed:
+    images = sql.Identifier(tenant, "product_images")
+    products = sql.Identifier(tenant, "products")
+    features = sql.SQL(_FEATURES).format(
+        images=images, known_photo=sql.SQL(_KNOWN_PHOTO), current_label=sql.SQL(current_label)
+    )
+    return sql.SQL(_APPLY).format(
+        undecided=sql.SQL(decide).format(products=products, images=images),
+        features=features,
+        images=images,
+    )
 
 
 def apply_statement(tenant: str) -> sql.Composed:
     """The one statement that scores, decides and queues a batch (golden-tested)."""
-    images = sql.Identifier(tenant, "product_images")
-    products = sql.Identifier(tenant, "products")
-    features = sql.SQL(_FEATURES).format(images=images, known_photo=sql.SQL(_KNOWN_PHOTO))
-    return sql.SQL(_APPLY).format(
-        undecided=sql.SQL(label_store.UNDECIDED).format(products=products, images=images),
-        features=features,
-        images=images,
-    )
+    return _statement(tenant, label_store.UNDECIDED, "false")
+
+
+def refresh_statement(tenant: str) -> sql.Composed:
+    """The same decision again for products this heuristic decided; only changes written."""
+    return _statement(tenant, _DECIDED_BY_ME, "r.is_label")
 
 
 def load_lr(conn: Conn) -> dict[str, float]:
@@ -189,8 +229,25 @@ class MetadataHeuristic:
 
     def apply_batch(self, conn: Conn, tenant: str, ids: Sequence[int]) -> int:
         """Decide every undecided product of ``ids``; labels set (queued ones included)."""
+        row = conn.execute(apply_statement(tenant), self._params(conn, tenant, ids)).fetchone()
+        return int(row[0]) if row else 0
+
+    def refresh(self, conn: Conn, tenant: str, ids: Sequence[int]) -> int:
+        """Decide products ``ids`` again if this heuristic decided them; returns how many
+        products' label moved (gained, lost or changed image).
+
+        The decision was made on the images as they were; an image appended after the
+        label, then moved before it, would otherwise leave a "no label" decision behind
+        and the label published. The label in place stays a candidate, so appending a
+        photo after it does not unmake it. Rows are written only where the decision
+        changed, so a refresh of unchanged products writes nothing.
+        """
+        row = conn.execute(refresh_statement(tenant), self._params(conn, tenant, ids)).fetchone()
+        return int(row[2]) if row else 0
+
+    def _params(self, conn: Conn, tenant: str, ids: Sequence[int]) -> dict[str, object]:
         label_store.ensure(conn)
-        params = {
+        return {
             "ids": list(ids),
             "tenant": tenant,
             "name": self.name,
@@ -199,8 +256,6 @@ class MetadataHeuristic:
             "cap": MAX_CONFIDENCE,
             "review_below": self.review_below,
         }
-        row = conn.execute(apply_statement(tenant), params).fetchone()
-        return int(row[0]) if row else 0
 
 
 # Calibration sample: every product with evidence, its rows read from the JSONB through
@@ -225,7 +280,9 @@ SELECT e.image_type, f.ext_bin, f.gap_bin, f.dim_bin
 
 def sample_statement(tenant: str) -> sql.Composed:
     features = sql.SQL(_FEATURES).format(
-        images=sql.Identifier("sample_rows"), known_photo=sql.SQL("false")
+        images=sql.Identifier("sample_rows"),
+        known_photo=sql.SQL("false"),
+        current_label=sql.SQL("false"),
     )
     return sql.SQL(_SAMPLE).format(products=sql.Identifier(tenant, "products"), features=features)
 
@@ -332,3 +389,55 @@ def prepare(conn: Conn) -> Calibration | None:
         return None
     label_evidence.import_legacy(conn)
     return calibrate(conn)
+
+
+_DECIDED_IDS: LiteralString = """
+SELECT DISTINCT product_id FROM {images}
+ WHERE label_strategy = %(name)s AND product_id > %(after)s
+ ORDER BY product_id LIMIT %(limit)s
+"""
+_LOCK_PRODUCTS: LiteralString = (
+    "SELECT id FROM {products} WHERE id = ANY (%(ids)s) ORDER BY id FOR NO KEY UPDATE"
+)
+
+
+def refresh_tenant(
+    conn: Conn, tenant: str, *, heuristic: MetadataHeuristic | None = None, batch_size: int = 1000
+) -> int:
+    """Re-derive every metadata decision of ``tenant``; products whose label moved.
+
+    One transaction per batch of products in id order. Each batch first locks its
+    products (``FOR NO KEY UPDATE``, as the backfill and reconcile do), so a concurrent
+    edit of a product either lands before its decision is re-derived or waits for it.
+    """
+    heuristic = heuristic or MetadataHeuristic()
+    images = sql.Identifier(tenant, "product_images")
+    query = sql.SQL(_DECIDED_IDS).format(images=images)
+    lock = sql.SQL(_LOCK_PRODUCTS).format(products=sql.Identifier(tenant, "products"))
+    changed, after = 0, 0
+    while True:
+        with conn.transaction():
+            params = {"name": heuristic.name, "after": after, "limit": batch_size}
+            ids = [int(r[0]) for r in conn.execute(query, params).fetchall()]
+            if not ids:
+                return changed
+            conn.execute("SELECT set_config('imgmig.source', 'reconcile', true)")
+            conn.execute(lock, {"ids": ids})
+            changed += heuristic.refresh(conn, tenant, ids)
+        after = ids[-1]
+
+
+_HAS_DECISION: LiteralString = (
+    "SELECT EXISTS (SELECT 1 FROM {images} WHERE product_id = %s AND label_strategy = %s)"
+)
+
+
+def refresh_product(conn: Conn, tenant: str, product_id: int) -> bool:
+    """After an edit of one product (caller's transaction, product locked): re-derive its
+    metadata decision if it has one. True when its label moved."""
+    heuristic = MetadataHeuristic()
+    query = sql.SQL(_HAS_DECISION).format(images=sql.Identifier(tenant, "product_images"))
+    row = conn.execute(query, (product_id, heuristic.name)).fetchone()
+    if not (row and row[0]):
+        return False
+    return heuristic.refresh(conn, tenant, [product_id]) > 0

@@ -14,7 +14,10 @@ Per tenant, holding the tenant's run lock (``cdc.locks``; a second run exits at 
      ``imgmig.rows_images``, as the reverse trigger would (the capture trigger logs it
      as a ``reconcile`` event and does not project it back);
 4. verify the repaired products again: what still differs is ``left_over``;
-5. finish the run row with its exit code: 0 clean, 1 repaired, 2 drift left, 3 error.
+5. outside ``jsonb``, re-derive the label decisions of the ``metadata`` heuristic
+   (``cdc.label_heuristics.refresh_tenant``): they were made on the images as they were
+   then, and a product edited since may now decide otherwise (writes only what changed);
+6. finish the run row with its exit code: 0 clean, 1 repaired, 2 drift left, 3 error.
 
 ``verify`` is the same pass without the lock and without step 3.
 """
@@ -29,7 +32,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from cdc import locks, runs
+from cdc import label_heuristics, locks, runs
 from cdc import stage as stage_mod
 from cdc import verify as verify_mod
 from cdc.db import Conn, connect
@@ -115,6 +118,9 @@ def run_tenant(conn: Conn, tenant: str, *, mode: str, do_repair: bool) -> Outcom
             repaired = report.drift_total - left_over
         else:
             left_over = report.drift_total
+        refreshed = 0
+        if do_repair and stage is not Stage.JSONB:
+            refreshed = label_heuristics.refresh_tenant(conn, tenant)
         code = runs.finish(conn, run_id, report, repaired=repaired, left_over=left_over)
     except psycopg.Error as exc:
         bound.error(f"{mode} failed", error=str(exc).strip())
@@ -127,6 +133,7 @@ def run_tenant(conn: Conn, tenant: str, *, mode: str, do_repair: bool) -> Outcom
         drift_total=report.drift_total,
         repaired=repaired,
         left_over=left_over,
+        labels_refreshed=refreshed,
         exit_code=code,
     )
     return Outcome(report, repaired, left_over, code)

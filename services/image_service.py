@@ -19,12 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from typing import cast
 
 import structlog
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from cdc import label_heuristics
+from cdc.db import Conn
 from cdc.errors import (
     ImageNotFoundError,
     LabelConflictError,
@@ -42,6 +45,7 @@ from services.stores import JsonbStore, Store, TableStore, image_product, now_ut
 _STAGE = text("SELECT stage FROM imgmig.tenant_state WHERE tenant = :tenant FOR KEY SHARE")
 _MEMO = "imgmig.stage"  # session.info key: (transaction, tenant, stage)
 _SOURCE = text("SELECT set_config('imgmig.source', 'service', true)")
+_PROJECTION = text("SELECT projection FROM imgmig.tenant_state WHERE tenant = :tenant")
 TABLE_STAGES = (Stage.TABLE, Stage.CONTRACTED)
 log = structlog.get_logger(__name__)
 
@@ -169,7 +173,23 @@ class ProductImageService:
         before = store.load(product_id, lock=True)
         after = change(before)
         store.save(product_id, before, after)
+        self._refresh_label(product_id, stage)
         return store.load(product_id), index(after)
+
+    def _refresh_label(self, product_id: int, stage: Stage) -> None:
+        """Re-derive a heuristic label decision the edit may have changed (an image
+        appended after the label, then moved before it, must not leave the label
+        published). Only where the table already holds the edit: table stages, or the
+        inline projection; deferred tenants are refreshed by the reconciler."""
+        if stage is Stage.JSONB:
+            return
+        if stage not in TABLE_STAGES:
+            mode = self.session.execute(_PROJECTION, {"tenant": self.tenant}).scalar_one()
+            if mode != "inline":
+                return
+        raw = cast(Conn, self.session.connection().connection.driver_connection)
+        if label_heuristics.refresh_product(raw, self.tenant, product_id):
+            log.info("label decision refreshed", tenant=self.tenant, product_id=product_id)
 
     def _write_image(
         self, image_id: int, change: Callable[[list[ImageView], ImageView], list[ImageView]]
