@@ -219,6 +219,11 @@ def main() -> None:
         quiet, loaded = p99(idle), p99(busy)
         print(f"writer p99 idle {quiet:.1f} ms ({len(idle)} writes), during backfill "
               f"{loaded:.1f} ms ({len(busy)} writes): ratio {loaded / quiet:.2f}")  # fmt: skip
+        for name, values in (("idle", idle), ("during backfill", busy)):
+            cuts = statistics.quantiles(values, n=100)
+            slow = sum(v > 100 for v in values) / len(values)
+            print(f"writer latency {name}: p50 {cuts[49]:.1f} ms, p90 {cuts[89]:.1f} ms, "
+                  f"max {max(values):.0f} ms, over 100 ms {slow:.2%}")  # fmt: skip
         print(f"backfill peak RSS: {rss:.0f} MiB")
 
 
