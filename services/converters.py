@@ -4,7 +4,8 @@ The payload builders are pure functions from typed values (``ProductInfo`` and t
 photos as ``ImageView``) to JSON-ready dicts, testable without a database. The two
 classes wrap them for the application: they read the product and its photos through
 ``ProductImageService``, so they follow the stage flag, and the service already leaves
-the label out. The builders drop labels again anyway: a label must never be published.
+the label out, after re-deriving a heuristic label decision on the images as they are
+now. The builders drop labels again anyway: a label must never be published.
 """
 
 from __future__ import annotations
@@ -136,6 +137,14 @@ def load_product(service: ProductImageService, product_id: int) -> ProductInfo:
     return ProductInfo(id=row.id, sku=row.sku, title=row.title, brand=row.brand, price=row.price)
 
 
+def photos_to_publish(service: ProductImageService, product_id: int) -> list[ImageView]:
+    """The photos, after the product's heuristic label decision is re-derived on its
+    images as they are now: a legacy write since the last reconcile cannot put a label
+    into a payload (docs/labels.md)."""
+    service.refresh_label(product_id)
+    return service.get_product_photos(product_id)
+
+
 class VintedProductConverter:
     """Builds a product's Vinted item from what the image service serves."""
 
@@ -144,7 +153,7 @@ class VintedProductConverter:
 
     def convert(self, product_id: int) -> Conversion:
         product = load_product(self.service, product_id)
-        return vinted_item(product, self.service.get_product_photos(product_id))
+        return vinted_item(product, photos_to_publish(self.service, product_id))
 
 
 class EbayProductConversionService:
@@ -155,4 +164,4 @@ class EbayProductConversionService:
 
     def convert(self, product_id: int) -> Conversion:
         product = load_product(self.service, product_id)
-        return ebay_inventory_item(product, self.service.get_product_photos(product_id))
+        return ebay_inventory_item(product, photos_to_publish(self.service, product_id))

@@ -40,7 +40,14 @@ from cdc.stage import Stage
 from services import shadow
 from services.image_types import ImageView, ServiceSettings, fallback_id, product_of_fallback
 from services.image_types import validate_new_image as validate
-from services.stores import JsonbStore, Store, TableStore, image_product, now_utc
+from services.stores import (
+    JsonbStore,
+    Store,
+    TableStore,
+    image_product,
+    lock_product,
+    now_utc,
+)
 
 _STAGE = text("SELECT stage FROM imgmig.tenant_state WHERE tenant = :tenant FOR KEY SHARE")
 _MEMO = "imgmig.stage"  # session.info key: (transaction, tenant, stage)
@@ -77,6 +84,16 @@ class ProductImageService:
     def get_label_image(self, product_id: int) -> ImageView | None:
         """The product's label image, if it has one."""
         return next((v for v in self.list_images(product_id) if v.is_label), None)
+
+    def refresh_label(self, product_id: int) -> bool:
+        """Before publishing: re-derive the product's heuristic label decision on its
+        images as they are now, under the product's lock (a legacy write since the last
+        reconcile may have moved the label). True when the label moved."""
+        stage = self.stage()
+        if stage is Stage.JSONB:
+            return False
+        lock_product(self.session, self.tenant, product_id, lock=True)
+        return self._refresh_label(product_id, stage)
 
     def find_image(self, image_id: int) -> ImageView:
         """One image by id."""
@@ -176,20 +193,22 @@ class ProductImageService:
         self._refresh_label(product_id, stage)
         return store.load(product_id), index(after)
 
-    def _refresh_label(self, product_id: int, stage: Stage) -> None:
+    def _refresh_label(self, product_id: int, stage: Stage) -> bool:
         """Re-derive a heuristic label decision the edit may have changed (an image
         appended after the label, then moved before it, must not leave the label
         published). Only where the table already holds the edit: table stages, or the
         inline projection; deferred tenants are refreshed by the reconciler."""
         if stage is Stage.JSONB:
-            return
+            return False
         if stage not in TABLE_STAGES:
             mode = self.session.execute(_PROJECTION, {"tenant": self.tenant}).scalar_one()
             if mode != "inline":
-                return
+                return False
         raw = cast(Conn, self.session.connection().connection.driver_connection)
-        if label_heuristics.refresh_product(raw, self.tenant, product_id):
-            log.info("label decision refreshed", tenant=self.tenant, product_id=product_id)
+        if not label_heuristics.refresh_product(raw, self.tenant, product_id):
+            return False
+        log.info("label decision refreshed", tenant=self.tenant, product_id=product_id)
+        return True
 
     def _write_image(
         self, image_id: int, change: Callable[[list[ImageView], ImageView], list[ImageView]]

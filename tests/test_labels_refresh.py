@@ -17,6 +17,7 @@ from psycopg import sql
 
 from cdc import label_heuristics, reconcile
 from cdc.stage import Stage
+from services.converters import EbayProductConversionService, VintedProductConverter
 from services.image_service import ProductImageService
 from tests.cutover_helpers import engine_for, service
 from tests.label_helpers import Conn, run_backfill
@@ -181,3 +182,21 @@ def test_other_deciders_are_final(migrated_url: str) -> None:
         )
         for (image_id,) in conn.execute(query, (pid,)).fetchall():
             assert _versions(conn)[image_id] == before[image_id]
+
+
+def test_converters_re_derive_before_publishing(migrated_url: str) -> None:
+    """A legacy write moved the label last after the decision and no reconcile ran since:
+    neither marketplace payload carries it, and the new decision is stored."""
+    chosen = _stranded(migrated_url)
+    with engine_for(migrated_url) as engine:
+        for pid, label in chosen:
+            with service(engine, T) as svc:
+                vinted = VintedProductConverter(svc).convert(pid).payload
+                ebay = EbayProductConversionService(svc).convert(pid).payload
+            published = {p["url"] for p in vinted["photos"]}
+            assert published == set(ebay["body"]["product"]["imageUrls"])
+            assert published
+            assert label not in published
+    with psycopg.connect(migrated_url, autocommit=True) as conn:
+        for pid, label in chosen:
+            assert _labelled(conn, pid) == [(label, "metadata")]
