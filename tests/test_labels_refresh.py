@@ -19,7 +19,7 @@ from cdc import label_heuristics, reconcile
 from cdc.stage import Stage
 from services.converters import EbayProductConversionService, VintedProductConverter
 from services.image_service import ProductImageService
-from tests.cutover_helpers import engine_for, service
+from tests.cutover_helpers import engine_for, move, service
 from tests.label_helpers import Conn, run_backfill
 
 T = "user_1"
@@ -200,3 +200,23 @@ def test_converters_re_derive_before_publishing(migrated_url: str) -> None:
     with psycopg.connect(migrated_url, autocommit=True) as conn:
         for pid, label in chosen:
             assert _labelled(conn, pid) == [(label, "metadata")]
+
+
+def test_refresh_in_stage_table_reaches_the_jsonb_and_leaves_no_drift(migrated_url: str) -> None:
+    """In `table` the refreshed label is synced back to JSONB by the reverse trigger, so
+    old app instances see it too, and verify finds the product in sync."""
+    (pid, label), *_ = _stranded(migrated_url, label_last_again=False)
+    with psycopg.connect(migrated_url, autocommit=True) as conn:
+        move(conn, T, Stage.TABLE)
+    with engine_for(migrated_url) as engine, service(engine, T) as svc:
+        assert svc.stage() is Stage.TABLE
+        _move_last(svc, pid, label)
+    with psycopg.connect(migrated_url, autocommit=True) as conn:
+        assert _labelled(conn, pid) == [(label, "metadata")]
+        flagged = [e["url"] for e in _images(conn, pid) if e.get("is_label") is True]
+        assert flagged == [label]
+    # Other products' backfill labels reach the JSONB at the first reconcile in `table`
+    # (the forced move skipped it); the refreshed product is already in sync.
+    (outcome,) = reconcile.run(migrated_url, [T], mode="verify")
+    assert outcome.report.products_checked > 0
+    assert pid not in outcome.report.drifted
