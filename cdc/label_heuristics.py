@@ -125,7 +125,9 @@ _KNOWN_PHOTO: LiteralString = """EXISTS (
      WHERE e.tenant = %(tenant)s AND e.product_id = r.product_id AND e.url = r.url
        AND e.image_type = 'photo')"""
 
-_APPLY: LiteralString = """
+# Scores and decides the products of `undecided` (a query over the batch's ids): ends
+# with the CTE `decided`, one row per product (the best candidate, its proposal, conf).
+_DECIDE: LiteralString = """
 WITH undecided AS ({undecided}),
 {features},
 lr AS (
@@ -149,14 +151,23 @@ lr AS (
            (SELECT r.id FROM {images} r WHERE r.product_id = s.product_id AND r.is_label)
              IS DISTINCT FROM CASE WHEN s.p >= 0.5 THEN s.id END AS moved
       FROM best s
-), upd AS (
+)"""
+
+# A row of a decided product whose stored decision differs from the new one.
+_DIFFERS: LiteralString = """(r.is_label, r.label_strategy, r.label_confidence)
+           IS DISTINCT FROM (d.proposed AND r.id = d.id, %(name)s, d.conf)"""
+
+_APPLY: LiteralString = (
+    _DECIDE
+    + """, upd AS (
     UPDATE {images} r
        SET is_label = d.proposed AND r.id = d.id,
            label_strategy = %(name)s, label_confidence = d.conf, updated_at = now()
       FROM decided d
      WHERE r.product_id = d.product_id AND r.product_id = ANY (%(ids)s::bigint[])
-       AND (r.is_label, r.label_strategy, r.label_confidence)
-           IS DISTINCT FROM (d.proposed AND r.id = d.id, %(name)s, d.conf)
+       AND """
+    + _DIFFERS
+    + """
     RETURNING r.is_label
 ), queued AS (
     INSERT INTO imgmig.label_review (tenant, product_id, image_id, url, strategy, confidence,
@@ -172,6 +183,20 @@ lr AS (
 SELECT (SELECT count(*) FROM upd WHERE is_label), (SELECT count(*) FROM queued),
        (SELECT count(*) FROM decided WHERE moved)
 """
+)
+
+# Read-only: the products whose stored decision would change (a refresh locks only these).
+_STALE: LiteralString = (
+    _DECIDE
+    + """
+SELECT DISTINCT d.product_id
+  FROM decided d JOIN {images} r ON r.product_id = d.product_id
+ WHERE r.product_id = ANY (%(ids)s::bigint[]) AND """
+    + _DIFFERS
+    + """
+ ORDER BY d.product_id
+"""
+)
 
 
 # Products of the batch whose decision is this heuristic's alone: every row carries its
@@ -188,7 +213,9 @@ _DECIDED_BY_ME: LiteralString = """
 """
 
 
-def _statement(tenant: str, decide: LiteralString, current_label: LiteralString) -> sql.Composed:
+def _statement(
+    tenant: str, decide: LiteralString, current_label: LiteralString, template: LiteralString
+) -> sql.Composed:
     images = sql.Identifier(tenant, "product_images")
     products = sql.Identifier(tenant, "products")
     features = sql.SQL(_FEATURES).format(
@@ -197,7 +224,7 @@ def _statement(tenant: str, decide: LiteralString, current_label: LiteralString)
         current_label=sql.SQL(current_label),
         in_batch=sql.SQL("r.product_id = ANY (%(ids)s::bigint[])"),
     )
-    return sql.SQL(_APPLY).format(
+    return sql.SQL(template).format(
         undecided=sql.SQL(decide).format(products=products, images=images),
         features=features,
         images=images,
@@ -206,12 +233,17 @@ def _statement(tenant: str, decide: LiteralString, current_label: LiteralString)
 
 def apply_statement(tenant: str) -> sql.Composed:
     """The one statement that scores, decides and queues a batch (golden-tested)."""
-    return _statement(tenant, label_store.UNDECIDED, "false")
+    return _statement(tenant, label_store.UNDECIDED, "false", _APPLY)
 
 
 def refresh_statement(tenant: str) -> sql.Composed:
     """The same decision again for products this heuristic decided; only changes written."""
-    return _statement(tenant, _DECIDED_BY_ME, "r.is_label")
+    return _statement(tenant, _DECIDED_BY_ME, "r.is_label", _APPLY)
+
+
+def stale_statement(tenant: str) -> sql.Composed:
+    """Read-only: which of the products this heuristic decided would now decide otherwise."""
+    return _statement(tenant, _DECIDED_BY_ME, "r.is_label", _STALE)
 
 
 def load_lr(conn: Conn) -> dict[str, float]:
@@ -235,8 +267,8 @@ class MetadataHeuristic:
 
     def apply_batch(self, conn: Conn, tenant: str, ids: Sequence[int]) -> int:
         """Decide every undecided product of ``ids``; labels set (queued ones included)."""
-        row = self._run(conn, apply_statement(tenant), self._params(conn, tenant, ids))
-        return int(row[0]) if row else 0
+        rows = self._run(conn, apply_statement(tenant), self._params(conn, tenant, ids))
+        return int(rows[0][0]) if rows else 0
 
     def refresh(self, conn: Conn, tenant: str, ids: Sequence[int]) -> int:
         """Decide products ``ids`` again if this heuristic decided them; returns how many
@@ -248,20 +280,26 @@ class MetadataHeuristic:
         photo after it does not unmake it. Rows are written only where the decision
         changed, so a refresh of unchanged products writes nothing.
         """
-        row = self._run(conn, refresh_statement(tenant), self._params(conn, tenant, ids))
-        return int(row[2]) if row else 0
+        rows = self._run(conn, refresh_statement(tenant), self._params(conn, tenant, ids))
+        return int(rows[0][2]) if rows else 0
+
+    def stale(self, conn: Conn, tenant: str, ids: Sequence[int]) -> list[int]:
+        """Of products ``ids``, those whose stored decision a refresh would change (reads
+        only, takes no lock)."""
+        rows = self._run(conn, stale_statement(tenant), self._params(conn, tenant, ids))
+        return [int(r[0]) for r in rows]
 
     @staticmethod
     def _run(
         conn: Conn, statement: sql.Composed, params: dict[str, object]
-    ) -> tuple[Any, ...] | None:
+    ) -> list[tuple[Any, ...]]:
         """Run the statement with JIT off for it alone (caller's transaction). Right after
         a backfill ``product_images`` has no statistics yet, the planner then takes every
         ``product_id = ANY (…)`` for the whole table and JIT-compiles: 1.1 s for a batch
         that runs in 43 ms (BENCHMARKS.md). The setting is put back afterwards."""
         row = conn.execute("SELECT current_setting('jit'), set_config('jit', 'off', true)")
         previous = row.fetchone()
-        found = conn.execute(statement, params).fetchone()
+        found = conn.execute(statement, params).fetchall()
         if previous is not None:
             conn.execute("SELECT set_config('jit', %s, true)", (previous[0],))
         return found
@@ -428,9 +466,10 @@ def refresh_tenant(
 ) -> int:
     """Re-derive every metadata decision of ``tenant``; products whose label moved.
 
-    One transaction per batch of products in id order. Each batch first locks its
-    products (``FOR NO KEY UPDATE``, as the backfill and reconcile do), so a concurrent
-    edit of a product either lands before its decision is re-derived or waits for it.
+    Per batch of products in id order: 1. a read-only pass finds the products whose
+    decision would change (usually none: nothing is locked or written for the rest);
+    2. only those are locked ``FOR NO KEY UPDATE``, as the backfill and reconcile lock,
+    and decided again under the lock, so a concurrent edit either lands first or waits.
     """
     heuristic = heuristic or MetadataHeuristic()
     images = sql.Identifier(tenant, "product_images")
@@ -441,11 +480,14 @@ def refresh_tenant(
         with conn.transaction():
             params = {"name": heuristic.name, "after": after, "limit": batch_size}
             ids = [int(r[0]) for r in conn.execute(query, params).fetchall()]
-            if not ids:
-                return changed
-            conn.execute("SELECT set_config('imgmig.source', 'reconcile', true)")
-            conn.execute(lock, {"ids": ids})
-            changed += heuristic.refresh(conn, tenant, ids)
+            stale = heuristic.stale(conn, tenant, ids) if ids else []
+        if not ids:
+            return changed
+        if stale:
+            with conn.transaction():
+                conn.execute("SELECT set_config('imgmig.source', 'reconcile', true)")
+                conn.execute(lock, {"ids": stale})
+                changed += heuristic.refresh(conn, tenant, stale)
         after = ids[-1]
 
 

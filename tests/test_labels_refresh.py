@@ -134,8 +134,11 @@ def test_reconcile_re_derives_stale_decisions_and_writes_nothing_else(migrated_u
         allowed = {int(r[0]) for r in conn.execute(query, ([p for p, _ in chosen],))}
         assert touched
         assert touched <= allowed
-        # A second pass has nothing left to change.
+        # A second pass has nothing left to change, and locks no product to find that out.
+        locks = sql.SQL("SELECT id, xmax::text FROM {}").format(sql.Identifier(T, "products"))
+        before = conn.execute(locks).fetchall()
         assert label_heuristics.refresh_tenant(conn, T) == 0
+        assert conn.execute(locks).fetchall() == before
 
 
 def test_service_reorder_re_derives_at_once_and_append_keeps_the_label(migrated_url: str) -> None:
