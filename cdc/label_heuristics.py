@@ -496,12 +496,24 @@ _HAS_DECISION: LiteralString = (
 )
 
 
+def _has_decision(conn: Conn, tenant: str, product_id: int, name: str) -> bool:
+    query = sql.SQL(_HAS_DECISION).format(images=sql.Identifier(tenant, "product_images"))
+    row = conn.execute(query, (product_id, name)).fetchone()
+    return bool(row and row[0])
+
+
 def refresh_product(conn: Conn, tenant: str, product_id: int) -> bool:
     """After an edit of one product (caller's transaction, product locked): re-derive its
     metadata decision if it has one. True when its label moved."""
     heuristic = MetadataHeuristic()
-    query = sql.SQL(_HAS_DECISION).format(images=sql.Identifier(tenant, "product_images"))
-    row = conn.execute(query, (product_id, heuristic.name)).fetchone()
-    if not (row and row[0]):
+    if not _has_decision(conn, tenant, product_id, heuristic.name):
         return False
     return heuristic.refresh(conn, tenant, [product_id]) > 0
+
+
+def stale_product(conn: Conn, tenant: str, product_id: int) -> bool:
+    """Read-only, no lock: would a refresh change this product's metadata decision?"""
+    heuristic = MetadataHeuristic()
+    if not _has_decision(conn, tenant, product_id, heuristic.name):
+        return False
+    return bool(heuristic.stale(conn, tenant, [product_id]))

@@ -87,10 +87,13 @@ class ProductImageService:
 
     def refresh_label(self, product_id: int) -> bool:
         """Before publishing: re-derive the product's heuristic label decision on its
-        images as they are now, under the product's lock (a legacy write since the last
-        reconcile may have moved the label). True when the label moved."""
+        images as they are now (a legacy write since the last reconcile may have moved
+        the label). A read-only check first: the product is locked, and its rows
+        rewritten, only when the decision changes. True when the label moved."""
         stage = self.stage()
-        if stage is Stage.JSONB:
+        if not self._table_current(stage):
+            return False
+        if not label_heuristics.stale_product(self._raw(), self.tenant, product_id):
             return False
         lock_product(self.session, self.tenant, product_id, lock=True)
         return self._refresh_label(product_id, stage)
@@ -196,19 +199,28 @@ class ProductImageService:
     def _refresh_label(self, product_id: int, stage: Stage) -> bool:
         """Re-derive a heuristic label decision the edit may have changed (an image
         appended after the label, then moved before it, must not leave the label
-        published). Only where the table already holds the edit: table stages, or the
-        inline projection; deferred tenants are refreshed by the reconciler."""
-        if stage is Stage.JSONB:
+        published), where the table already holds the edit."""
+        if not self._table_current(stage):
             return False
-        if stage not in TABLE_STAGES:
-            mode = self.session.execute(_PROJECTION, {"tenant": self.tenant}).scalar_one()
-            if mode != "inline":
-                return False
-        raw = cast(Conn, self.session.connection().connection.driver_connection)
-        if not label_heuristics.refresh_product(raw, self.tenant, product_id):
+        if not label_heuristics.refresh_product(self._raw(), self.tenant, product_id):
             return False
         log.info("label decision refreshed", tenant=self.tenant, product_id=product_id)
         return True
+
+    def _table_current(self, stage: Stage) -> bool:
+        """Does ``product_images`` hold every committed edit? In table stages, and with
+        the inline projection; a deferred tenant's table lags (the reconciler refreshes
+        its labels once the projector caught up)."""
+        if stage is Stage.JSONB:
+            return False
+        if stage in TABLE_STAGES:
+            return True
+        mode = self.session.execute(_PROJECTION, {"tenant": self.tenant}).scalar_one()
+        return bool(mode == "inline")
+
+    def _raw(self) -> Conn:
+        """The session's psycopg connection, in the session's transaction."""
+        return cast(Conn, self.session.connection().connection.driver_connection)
 
     def _write_image(
         self, image_id: int, change: Callable[[list[ImageView], ImageView], list[ImageView]]

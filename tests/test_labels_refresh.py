@@ -203,6 +203,18 @@ def test_converters_re_derive_before_publishing(migrated_url: str) -> None:
     with psycopg.connect(migrated_url, autocommit=True) as conn:
         for pid, label in chosen:
             assert _labelled(conn, pid) == [(label, "metadata")]
+        # Publishing a product whose decision stands takes no lock and writes nothing.
+        steady = next(p for p in range(1, 200) if p not in dict(chosen))
+        xmax = sql.SQL("SELECT xmax::text FROM {} WHERE id = %s").format(
+            sql.Identifier(T, "products")
+        )
+        before = conn.execute(xmax, (steady,)).fetchall()
+        rows_before = _versions(conn)
+    with engine_for(migrated_url) as engine, service(engine, T) as svc:
+        assert VintedProductConverter(svc).convert(steady).payload["photos"]
+    with psycopg.connect(migrated_url, autocommit=True) as conn:
+        assert conn.execute(xmax, (steady,)).fetchall() == before
+        assert _versions(conn) == rows_before
 
 
 def test_refresh_in_stage_table_reaches_the_jsonb_and_leaves_no_drift(migrated_url: str) -> None:
