@@ -54,10 +54,7 @@ WRITE = (
 
 
 def fresh_db(base: str) -> str:
-    with psycopg.connect(server.with_database(base, "postgres"), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB)))
-    return server.with_database(base, DB)
+    return server.fresh_database(base, DB)
 
 
 def prepare(url: str, products: int) -> dict[str, int]:

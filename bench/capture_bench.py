@@ -148,10 +148,7 @@ def run_phase(url: str, *, clients: int, seconds: float, max_id: int) -> float:
 
 def prepare(base_url: str, products: int) -> str:
     """A fresh database: seeded, migrated, backfilled; returns its URL."""
-    with psycopg.connect(server.with_database(base_url, "postgres"), autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB)))
-    url = server.with_database(base_url, DB)
+    url = server.fresh_database(base_url, DB)
     with psycopg.connect(url) as conn:
         seed(conn, SeedConfig(tenants=1, products=products, labels=products // 5, seed=1))
     migrate.upgrade(url, tenants=[TENANT])

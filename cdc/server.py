@@ -70,6 +70,16 @@ def with_database(url: str, dbname: str) -> str:
     return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in info.items()})
 
 
+def fresh_database(url: str, dbname: str) -> str:
+    """Drop (disconnecting its sessions) and create ``dbname`` on the server of ``url``;
+    returns its URL. For the benchmarks' scratch databases."""
+    with psycopg.connect(with_database(url, "postgres"), autocommit=True) as admin:
+        name = sql.Identifier(dbname)
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(name))
+    return with_database(url, dbname)
+
+
 def sqlalchemy_url(url: str) -> str:
     """A libpq URL/conninfo as a SQLAlchemy URL on the psycopg 3 driver."""
     from sqlalchemy.engine import URL
