@@ -42,6 +42,7 @@ CURRENT_SQL: Final = (
     "mapping_v2.sql",
     "capture_v2.sql",
     "capture_v3.sql",
+    "mapping_v3.sql",
 )
 
 INSTALL_LOCK: Final = "imgmig.capture.install"

@@ -87,15 +87,7 @@ def next_step(conn: Conn, tenant: str) -> Step | None:  # noqa: PLR0911 - one pe
 
 
 def _at_expand(conn: Conn, tenant: str) -> bool:
-    row = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (f'"{tenant}".alembic_version',)
-    ).fetchone()
-    if not row or not row[0]:
-        return False
-    version = conn.execute(
-        sql.SQL("SELECT version_num FROM {}").format(sql.Identifier(tenant, "alembic_version"))
-    ).fetchone()
-    return version is not None and version[0] in (migrate.EXPAND, migrate.CONTRACT)
+    return migrate.tenant_revision(conn, tenant) in (migrate.EXPAND, migrate.CONTRACT)
 
 
 def plan(conn: Conn, tenants: Sequence[str] | None) -> dict[str, list[Step]]:

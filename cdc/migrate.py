@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from psycopg import sql
+
 from cdc.db import Conn
 from cdc.ddl import DEFAULT_POLICY, LockPolicy
 
@@ -155,3 +157,25 @@ def raw_connection() -> Conn:
 
     dbapi: Any = op.get_bind().connection.dbapi_connection
     return dbapi  # type: ignore[no-any-return]
+
+
+def tenant_revision(conn: Conn, tenant: str) -> str | None:
+    """The revision ``tenant`` is at (its own version table), None if never migrated."""
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.alembic_version', %s::text)) IS NOT NULL", (tenant,)
+    ).fetchone()
+    if not row or not row[0]:
+        return None
+    version = conn.execute(
+        sql.SQL("SELECT version_num FROM {}").format(sql.Identifier(tenant, "alembic_version"))
+    ).fetchone()
+    return None if version is None else str(version[0])
+
+
+def migrated_tenants(conn: Conn) -> list[str]:
+    """Every schema that has an Alembic version table, i.e. every migrated tenant."""
+    rows = conn.execute(
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relname = 'alembic_version' AND c.relkind = 'r' ORDER BY n.nspname"
+    ).fetchall()
+    return [str(r[0]) for r in rows]
