@@ -24,6 +24,8 @@ Two reference triggers run in the same rounds, to calibrate this machine against
 figures the capture issue quotes for its own ("a naive delete-and-reinsert trigger
 measured 0.27x here and an insert-one-event trigger 0.80x"):
 
+* ``ref_noop``: a row trigger (same ``UPDATE OF images`` and ``WHEN``) whose body only
+  returns: what firing a PL/pgSQL row trigger costs at all, before it does anything;
 * ``ref_event``: a row trigger whose body is one INSERT of the new value into the same
   ``image_events`` table (the least any trigger that keeps an event log can do);
 * ``ref_min``: ``ref_event`` plus the one statement that keeps ``product_images`` in
@@ -61,7 +63,16 @@ from cdc.seed import SeedConfig, seed
 
 TENANT = "user_1"
 DB = "imgmig_capture_bench"
-MODES = ("none", "inline", "deferred", "deferred_pre", "ref_event", "ref_min", "ref_naive")
+MODES = (
+    "none",
+    "inline",
+    "deferred",
+    "deferred_pre",
+    "ref_noop",
+    "ref_event",
+    "ref_min",
+    "ref_naive",
+)
 # --ab: the deferred log trigger's versions side by side, each as a bench row trigger.
 AB_MODES = ("none", "v2", "v3_before", "v3_after", "ref_event")
 # The bench row trigger's function per mode; ref_* are bench.<mode>.
@@ -69,6 +80,7 @@ BENCH_FUNCTIONS = {
     "v2": sql.Identifier("imgmig", "log_products_row"),  # capture v2's shared function
     "v3_before": sql.Identifier("bench", "v3_before"),
     "v3_after": sql.Identifier("bench", "v3_after"),
+    "ref_noop": sql.Identifier("bench", "ref_noop"),
     "ref_event": sql.Identifier("bench", "ref_event"),
     "ref_min": sql.Identifier("bench", "ref_min"),
     "ref_naive": sql.Identifier("bench", "ref_naive"),
@@ -78,6 +90,10 @@ TARGETS = {"inline": 0.6, "deferred": 0.85, "deferred_pre": 0.85}
 # The reference triggers (bench only, in their own schema); one row trigger each.
 REFERENCE_SQL = """
 CREATE SCHEMA IF NOT EXISTS bench;
+CREATE OR REPLACE FUNCTION bench.ref_noop() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  RETURN NULL;
+END $$;
 CREATE OR REPLACE FUNCTION bench.ref_event() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   INSERT INTO user_1.image_events (aggregateid, type, payload, tenant, source)
