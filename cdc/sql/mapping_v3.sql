@@ -8,9 +8,9 @@
 -- Most arrays a legacy app writes have one shape: every element an object with exactly
 -- the keys url, order (its array position) and created_at, written as
 -- YYYY-MM-DDTHH:MI:SS.ffffffZ. v2 runs such an array through its whole pipeline: per
--- element eleven typed CASEs, three regular expressions (order evaluated three times, in
--- two window sorts and the output), two window sorts per array and the extra check; about
--- 10 us per element on PostgreSQL 15, where the backfill spends 909 of a batch's 1,946 ms.
+-- element eleven typed CASEs and two regular expressions (the order one evaluated three
+-- times: in two window sorts and the output), two window sorts per array, the extra
+-- check; about 10 us per element on PostgreSQL 15, 909 of a backfill batch's 1,946 ms.
 -- For that shape the pipeline's answer is known without it:
 --   url        the element's string url (every element has one: the count equals the
 --              array's length, and el keeps only elements with a non-empty string url);
@@ -26,13 +26,15 @@
 --   extra      '{}': no other key, and to_char gives back the very text (UTC, six
 --              fraction digits), which is v2's own short cut for extra.
 -- A missing key makes a check NULL, which bool_and would skip: each element's verdict is
--- coalesced to false (a property test found this). The shape is decided once per array (CTE shape, read through one-time InitPlans, so the
--- other branch does not run at all); the comparisons are COLLATE "C" (byte order: the
--- same answer for digits in every collation, and no strcoll). The element's created_at
--- text is extracted once, in el: an inlined SQL function substitutes its argument at every
--- reference, which is why mapping v2's regex-free attempt came out slower.
--- Measured (PostgreSQL 15, 20,000 products, 282,348 elements, best of 5): v2 2,830 ms,
--- v3 2,078 ms for the whole function; BENCHMARKS.md has the backfill with it.
+-- coalesced to false (the property test found this). The shape is decided once per
+-- array (CTE shape, read through one-time InitPlans, so the other branch does not run at
+-- all); the comparisons are COLLATE "C" (byte order: the same answer for digits in every
+-- collation, and no strcoll). The element's created_at text is extracted once, in el: an
+-- inlined SQL function substitutes its argument at every reference, which is why an
+-- earlier regex-free attempt came out slower.
+-- Measured (PostgreSQL 15, the whole function over 20,000 products of
+-- bench/capture_bench.py's database, 196,706 elements, best of 5): v2 1,846 ms, v3
+-- 1,306 ms. BENCHMARKS.md has the backfill with it (105.7 -> 81.6 s, 1,000,000 products).
 
 CREATE OR REPLACE FUNCTION imgmig.images_to_rows(p_images jsonb)
 RETURNS TABLE (url text, "order" integer, is_label boolean, alt_text text, tags text[],
