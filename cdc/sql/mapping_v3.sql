@@ -34,7 +34,8 @@
 -- earlier regex-free attempt came out slower.
 -- Measured (PostgreSQL 15, the whole function over 20,000 products of
 -- bench/capture_bench.py's database, 196,706 elements, best of 5): v2 1,846 ms, v3
--- 1,306 ms. BENCHMARKS.md has the backfill with it (105.7 -> 81.6 s, 1,000,000 products).
+-- 1,306 ms. BENCHMARKS.md has the backfill with it (1,000,000 products: 81.6 and 100.6 s
+-- in two runs, 105.7 s with v2 between them, on a noisy service).
 
 CREATE OR REPLACE FUNCTION imgmig.images_to_rows(p_images jsonb)
 RETURNS TABLE (url text, "order" integer, is_label boolean, alt_text text, tags text[],
