@@ -107,9 +107,17 @@ def test_orphaned_embedded_server_is_stopped() -> None:
 def test_batch_connections_run_without_jit_and_keep_the_urls_options(
     database_url: str,
 ) -> None:
-    """Backfill/reconcile workers turn JIT off, on top of options the URL already sets."""
+    """Backfill/reconcile workers turn JIT off and flush their writes as they go, on top of
+    options the URL already sets; other connections keep the server's settings."""
     with_options = make_conninfo(database_url, options="-c work_mem=7MB")
+    names = ("jit", "work_mem", "backend_flush_after")
     with db.connect(with_options, batch=True) as conn:
-        jit, work_mem = (conn.execute(f"SHOW {name}").fetchone() for name in ("jit", "work_mem"))
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        jit, work_mem, flush = (conn.execute(f"SHOW {name}").fetchone() for name in names)
         assert jit == ("off",)
         assert work_mem == ("7MB",)
+        assert flush == (db.BATCH_FLUSH_AFTER,)
+        source = "SELECT source FROM pg_settings WHERE name = 'backend_flush_after'"
+        assert conn.execute(source).fetchone() == ("session",)
+    with db.connect(database_url) as conn:
+        assert conn.execute(source).fetchone() != ("session",)
