@@ -20,7 +20,7 @@ log = structlog.get_logger(__name__)
 #: backend writes out of shared buffers before it asks the kernel to start writeback
 #: (PostgreSQL's default is 0: the kernel gathers dirty pages and flushes them in bursts
 #: that stall other sessions' WAL fsyncs). Measured on the backfill benchmark: the
-#: writers' p99 during backfill 2.14x and 2.34x of idle with it, 2.62x and 4.01x without,
+#: writers' p99 during backfill 2.14x-2.48x of idle with it, 2.62x and 4.01x without,
 #: throughput unchanged (BENCHMARKS.md).
 BATCH_FLUSH_AFTER = "256kB"
 
