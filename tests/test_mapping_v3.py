@@ -57,25 +57,21 @@ def stamp(*fields: int | str) -> str:
 # jsonb holds no NUL character.
 JSONB_TEXT = st.characters(blacklist_characters="\x00")
 
+
+def stamps(
+    bounds: tuple[tuple[int, int], ...], fraction: st.SearchStrategy[str]
+) -> st.SearchStrategy[str]:
+    """Timestamps whose six fields are drawn within ``bounds``, then ``fraction``."""
+    return st.builds(stamp, *(st.integers(low, high) for low, high in bounds), fraction)
+
+
 # created_at: mostly the legacy app's exact form, sometimes anything near it.
-canonical_stamps = st.builds(
-    stamp,
-    st.integers(1000, 9999),
-    st.integers(1, 12),
-    st.integers(1, 31),
-    st.integers(0, 23),
-    st.integers(0, 59),
-    st.integers(0, 59),
+canonical_stamps = stamps(
+    ((1000, 9999), (1, 12), (1, 31), (0, 23), (0, 59), (0, 59)),
     st.integers(0, 999_999).map(lambda us: f".{us:06d}"),
 )
-near_stamps = st.builds(
-    stamp,
-    st.integers(0, 9999),
-    st.integers(0, 13),
-    st.integers(0, 32),
-    st.integers(0, 25),
-    st.integers(0, 61),
-    st.integers(0, 61),
+near_stamps = stamps(
+    ((0, 9999), (0, 13), (0, 32), (0, 25), (0, 61), (0, 61)),
     st.sampled_from(["", ".1", ".12345", ".1234567", ".000000"]),
 )
 odd_stamps = st.one_of(
