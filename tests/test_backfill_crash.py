@@ -5,19 +5,22 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from cdc import backfill, migrate, reconcile
+from cdc import backfill, migrate, reconcile, server
 from cdc.pacing import BatchSizer
 from cdc.progress import Silent
 from cdc.seed import SeedConfig, seed
@@ -101,6 +104,64 @@ def test_sigkilled_backfill_resumes_with_nothing_lost_duplicated_or_misordered(
             "SELECT status, products_done FROM imgmig.backfill_state WHERE tenant = %s", (T,)
         ).fetchone()
         assert state == ("done", 8000)
+
+
+def backfill_traces_past(conn: psycopg.Connection[Any], last: int) -> int:
+    """Rows or backfill snapshot events of products after the checkpoint's ``last``."""
+    query = sql.SQL(
+        """SELECT (SELECT count(*) FROM {images} WHERE product_id > %(last)s)
+                + (SELECT count(*) FROM {events} WHERE type = 'images.snapshot'
+                      AND aggregateid::bigint > %(last)s)"""
+    ).format(images=ident(T, "product_images"), events=ident(T, "image_events"))
+    row = conn.execute(query, {"last": last}).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.slow
+def test_server_crash_mid_backfill_never_splits_a_batch_from_its_checkpoint() -> None:
+    """Batches commit asynchronously; a crash may lose the last ones, never half of one.
+
+    A private durable embedded server (fsync on), shut down immediately (SIGQUIT: no
+    checkpoint, WAL buffers lost) while the backfill runs. After crash recovery every
+    product up to the checkpoint is exact and nothing past it was projected or logged;
+    the resumed run ends exact. Its own server, so it runs the same on both CI passes.
+    """
+    base = Path(tempfile.mkdtemp(prefix=server.TEST_DIR_PREFIX, dir="/tmp"))
+    (base / "owner.pid").write_text(str(os.getpid()))
+    srv, handle = server.start_embedded(base / "d")
+    try:
+        url = one_tenant(server.fresh_database(srv.url, "imgmig_server_crash"), 4000)
+        proc = subprocess.Popen(backfill_cmd(url), stderr=subprocess.DEVNULL)
+        with psycopg.connect(url, autocommit=True) as conn:
+            while last_id(conn) < 1500 and proc.poll() is None:
+                time.sleep(0.01)
+        postmaster = handle.get_pid()
+        os.kill(postmaster, signal.SIGQUIT)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and Path(f"/proc/{postmaster}").exists():
+            time.sleep(0.05)
+        handle.ensure_postgres_running()  # crash recovery replays the WAL that reached disk
+        with psycopg.connect(url, autocommit=True) as conn:
+            recovered = last_id(conn)
+            assert 0 < recovered < 4000
+            assert backfill_traces_past(conn, recovered) == 0
+            query = sql.SQL(
+                "SELECT count(*) FROM {} WHERE id <= %s AND imgmig.images_canonical(images)"
+                " IS DISTINCT FROM (SELECT r.images FROM imgmig.rows_images(%s, ARRAY[id]) r)"
+            ).format(ident(T, "products"))
+            assert scalar(conn, query, recovered, T) == 0
+            done = subprocess.run(backfill_cmd(url), capture_output=True, text=True, check=False)
+            assert done.returncode == 0, done.stderr
+            assert exact_mismatches(conn, T) == 0
+            assert duplicate_orders(conn, T) == 0
+            assert last_id(conn) == scalar(conn, sql.SQL("SELECT max(id) FROM {}").format(
+                ident(T, "products")))  # fmt: skip
+    finally:
+        server.stop_embedded(handle)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def write_forever(url: str, stop: threading.Event, seed_no: int, done: Counter[str]) -> None:
