@@ -11,13 +11,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from psycopg import sql
 
 from cdc.db import Conn
-from cdc.ddl import DEFAULT_POLICY, LockPolicy
+from cdc.ddl import DEFAULT_POLICY, LockPolicy, run_ddl
 
 if TYPE_CHECKING:
     from alembic.config import Config
+
+log = structlog.get_logger(__name__)
 
 # Alembic is imported where it is used: the CLI's other verbs start faster without it.
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +51,11 @@ def lock_policy() -> LockPolicy:
     """
     from alembic import op
 
-    cfg = op.get_context().config
+    return policy_from(op.get_context().config)
+
+
+def policy_from(cfg: Config | None) -> LockPolicy:
+    """The DDL lock policy an Alembic config carries (programmatic, then ``-x``)."""
     if cfg is None:
         return DEFAULT_POLICY
     given = cfg.attributes.get("lock_policy")
@@ -179,3 +186,89 @@ def migrated_tenants(conn: Conn) -> list[str]:
         "WHERE c.relname = 'alembic_version' AND c.relkind = 'r' ORDER BY n.nspname"
     ).fetchall()
     return [str(r[0]) for r in rows]
+
+
+# The revisions that really ran on a tenant, beside its Alembic version table. Alembic
+# knows only the revision a tenant is *at*; a revision inserted before the ``expand``
+# marker by a later release is an ancestor of it, so Alembic counts it as applied on a
+# tenant already at ``expand`` and skips it. The ledger says what ran; ``heal_skipped``
+# sends such a tenant back to run what it missed (every additive revision is idempotent).
+LEDGER_TABLE = "imgmig_revisions"
+#: The marker's parent in the first release, before the ledger existed: a tenant at
+#: ``expand`` without a ledger has run up to this one at least.
+FIRST_RELEASE_MARKER_PARENT = "0002_capture"
+
+
+def ensure_ledger(conn: Conn, tenant: str, policy: LockPolicy = DEFAULT_POLICY) -> None:
+    """Create the tenant's revision ledger if it does not exist yet."""
+    stmt = sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (revision text PRIMARY KEY, "
+        "applied_at timestamptz NOT NULL DEFAULT now())"
+    ).format(sql.Identifier(tenant, LEDGER_TABLE))
+    run_ddl(conn, stmt, policy=policy, schema=tenant)
+
+
+def record_step(conn: Conn, tenant: str, revision: str, *, applied: bool) -> None:
+    """Note that ``revision`` ran on ``tenant`` (an upgrade) or was undone (a downgrade)."""
+    table = sql.Identifier(tenant, LEDGER_TABLE)
+    if applied:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (revision) VALUES (%s) "
+                "ON CONFLICT (revision) DO UPDATE SET applied_at = now()"
+            ).format(table),
+            (revision,),
+        )
+    else:
+        conn.execute(sql.SQL("DELETE FROM {} WHERE revision = %s").format(table), (revision,))
+
+
+def applied_revisions(conn: Conn, tenant: str) -> set[str]:
+    """What the tenant's ledger says ran (empty when it has no ledger)."""
+    exists = conn.execute(
+        "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL",
+        (tenant, LEDGER_TABLE),
+    ).fetchone()
+    if not exists or not exists[0]:
+        return set()
+    rows = conn.execute(
+        sql.SQL("SELECT revision FROM {}").format(sql.Identifier(tenant, LEDGER_TABLE))
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def heal_skipped(conn: Conn, tenant: str, additive: Sequence[str]) -> list[str]:
+    """Send a tenant at ``expand`` back before the additive revisions it never ran.
+
+    ``additive``: the revisions before the marker, oldest first. A tenant whose ledger is
+    empty was migrated before the ledger existed: it re-runs everything after
+    ``FIRST_RELEASE_MARKER_PARENT``. Returns the revisions the upgrade will now run
+    before reaching the marker again (empty: nothing skipped).
+    """
+    if tenant_revision(conn, tenant) != EXPAND:
+        return []
+    applied = applied_revisions(conn, tenant)
+    if applied:
+        missing = [r for r in additive if r not in applied]
+        if not missing:
+            return []
+        start = additive.index(missing[0])
+    else:  # the first release ran these; the ledger starts with them
+        start = additive.index(FIRST_RELEASE_MARKER_PARENT) + 1
+        for revision in additive[:start]:
+            record_step(conn, tenant, revision, applied=True)
+    rerun = list(additive[start:])
+    version = sql.Identifier(tenant, "alembic_version")
+    if start == 0:
+        conn.execute(sql.SQL("DELETE FROM {}").format(version))
+    else:
+        conn.execute(
+            sql.SQL("UPDATE {} SET version_num = %s").format(version), (additive[start - 1],)
+        )
+    log.warning(
+        "tenant was at expand without revisions added before the marker; running them now",
+        tenant=tenant,
+        missing=[r for r in additive if r not in applied] if applied else None,
+        rerun=rerun,
+    )
+    return rerun
