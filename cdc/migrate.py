@@ -248,10 +248,10 @@ def heal_skipped(conn: Conn, tenant: str, additive: Sequence[str]) -> list[str]:
     if tenant_revision(conn, tenant) != EXPAND:
         return []
     applied = applied_revisions(conn, tenant)
+    missing = [r for r in additive if r not in applied]
+    if not missing:
+        return []
     if applied:
-        missing = [r for r in additive if r not in applied]
-        if not missing:
-            return []
         start = additive.index(missing[0])
     else:  # the first release ran these; the ledger starts with them
         start = additive.index(FIRST_RELEASE_MARKER_PARENT) + 1
@@ -268,7 +268,7 @@ def heal_skipped(conn: Conn, tenant: str, additive: Sequence[str]) -> list[str]:
     log.warning(
         "tenant was at expand without revisions added before the marker; running them now",
         tenant=tenant,
-        missing=[r for r in additive if r not in applied] if applied else None,
+        ledger="missing" if not applied else "kept",
         rerun=rerun,
     )
     return rerun

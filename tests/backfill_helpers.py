@@ -31,17 +31,25 @@ def ident(tenant: str, table: str) -> sql.Identifier:
     return sql.Identifier(tenant, table)
 
 
-def exact_mismatches(conn: psycopg.Connection[Any], tenant: str) -> int:
-    """Products whose rows are not exactly the canonical mapping of their JSONB.
+def exact_mismatches(
+    conn: psycopg.Connection[Any], tenant: str, *, up_to: int | None = None
+) -> int:
+    """Products (with ``id <= up_to`` if given) whose rows are not exactly the canonical
+    mapping of their JSONB.
 
     Independent of cdc.verify: compares the mapping's canonical array with the rows read
     back through the mapping (order, duplicates and missing rows all show up).
     """
     query = sql.SQL(
         """SELECT count(*) FROM {products} p
-            WHERE imgmig.images_canonical(p.images)
+            WHERE (p.id <= {up_to} OR {up_to} IS NULL)
+              AND imgmig.images_canonical(p.images)
                   IS DISTINCT FROM (SELECT r.images FROM imgmig.rows_images({t}, ARRAY[p.id]) r)"""
-    ).format(products=ident(tenant, "products"), t=sql.Literal(tenant))
+    ).format(
+        products=ident(tenant, "products"),
+        t=sql.Literal(tenant),
+        up_to=sql.Literal(up_to) + sql.SQL("::bigint"),
+    )
     return int(scalar(conn, query))
 
 
