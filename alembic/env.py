@@ -42,9 +42,7 @@ def _recorder(dbapi: Any, tenant: str) -> Any:
 
 def _additive_revisions() -> list[str]:
     """The revisions before the ``expand`` marker, oldest first."""
-    script = context.get_context().environment_context.script  # type: ignore[union-attr]
-    walked = [r.revision for r in script.walk_revisions(base="base", head=migrate.EXPAND)]
-    return [r for r in reversed(walked) if r != migrate.EXPAND]
+    return migrate.walk_additive(context.get_context().environment_context.script)  # type: ignore[union-attr]
 
 
 def _command() -> str:

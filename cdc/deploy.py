@@ -67,12 +67,16 @@ class TenantStatus:
 OnStep = Callable[[str, Step], None]
 
 
-def next_step(conn: Conn, tenant: str) -> Step | None:  # noqa: PLR0911 - one per stage
+def next_step(conn: Conn, tenant: str) -> Step | None:
     """What this tenant needs next; None once it is contracted."""
     state = stage_mod.get_all(conn, [tenant])
     if not state or not _at_expand(conn, tenant):
         return Step.EXPAND
-    current = state[0].stage
+    return _stage_step(conn, tenant, state[0].stage)
+
+
+def _stage_step(conn: Conn, tenant: str, current: Stage) -> Step | None:
+    """The next step after expand, from the stage (one return per stage)."""
     if current is Stage.JSONB:
         return Step.DUAL_WRITE
     if current is Stage.DUAL_WRITE:
@@ -87,7 +91,11 @@ def next_step(conn: Conn, tenant: str) -> Step | None:  # noqa: PLR0911 - one pe
 
 
 def _at_expand(conn: Conn, tenant: str) -> bool:
-    return migrate.tenant_revision(conn, tenant) in (migrate.EXPAND, migrate.CONTRACT)
+    """Expanded, with every additive revision of this release run (the ledger says)."""
+    at = migrate.tenant_revision(conn, tenant)
+    return at == migrate.CONTRACT or (
+        at == migrate.EXPAND and not migrate.skipped_revisions(conn, tenant)
+    )
 
 
 def plan(conn: Conn, tenants: Sequence[str] | None) -> dict[str, list[Step]]:
@@ -97,6 +105,10 @@ def plan(conn: Conn, tenants: Sequence[str] | None) -> dict[str, list[Step]]:
     for tenant in resolve(conn, tenants):
         first = next_step(conn, tenant)
         out[tenant] = [] if first is None else order[order.index(first) :]
+        state = stage_mod.get_all(conn, [tenant])
+        if first is Step.EXPAND and state:  # revisions it skipped, then where its stage is
+            then = _stage_step(conn, tenant, state[0].stage)
+            out[tenant] = [Step.EXPAND] + ([] if then is None else order[order.index(then) :])
     return out
 
 

@@ -6,6 +6,7 @@ with ``psycopg.sql`` against the schema env.py is migrating right now.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -237,27 +238,37 @@ def applied_revisions(conn: Conn, tenant: str) -> set[str]:
     return {str(r[0]) for r in rows}
 
 
-def heal_skipped(conn: Conn, tenant: str, additive: Sequence[str]) -> list[str]:
-    """Send a tenant at ``expand`` back before the additive revisions it never ran.
+def skipped_revisions(conn: Conn, tenant: str, additive: Sequence[str] | None = None) -> list[str]:
+    """The additive revisions a tenant at ``expand`` never ran (empty for any other).
 
-    ``additive``: the revisions before the marker, oldest first. A tenant whose ledger is
-    empty was migrated before the ledger existed: it re-runs everything after
-    ``FIRST_RELEASE_MARKER_PARENT``. Returns the revisions the upgrade will now run
-    before reaching the marker again (empty: nothing skipped).
+    ``additive``: the revisions before the marker, oldest first (default: this release's,
+    :func:`additive_revisions`). A tenant whose ledger is empty was migrated before the
+    ledger existed: everything after ``FIRST_RELEASE_MARKER_PARENT`` counts as skipped.
     """
     if tenant_revision(conn, tenant) != EXPAND:
         return []
+    chain = list(additive) if additive is not None else additive_revisions()
     applied = applied_revisions(conn, tenant)
-    missing = [r for r in additive if r not in applied]
-    if not missing:
+    if not applied:
+        return chain[chain.index(FIRST_RELEASE_MARKER_PARENT) + 1 :]
+    missing = [r for r in chain if r not in applied]
+    return chain[chain.index(missing[0]) :] if missing else []
+
+
+def heal_skipped(conn: Conn, tenant: str, additive: Sequence[str]) -> list[str]:
+    """Send a tenant at ``expand`` back before the additive revisions it never ran.
+
+    Returns the revisions the upgrade will now run before reaching the marker again
+    (empty: nothing skipped). A tenant without a ledger gets one that starts with the
+    first release's revisions (see :func:`skipped_revisions`).
+    """
+    rerun = skipped_revisions(conn, tenant, additive)
+    if not rerun:
         return []
-    if applied:
-        start = additive.index(missing[0])
-    else:  # the first release ran these; the ledger starts with them
-        start = additive.index(FIRST_RELEASE_MARKER_PARENT) + 1
+    start = list(additive).index(rerun[0])
+    if not applied_revisions(conn, tenant):  # the first release ran these
         for revision in additive[:start]:
             record_step(conn, tenant, revision, applied=True)
-    rerun = list(additive[start:])
     version = sql.Identifier(tenant, "alembic_version")
     if start == 0:
         conn.execute(sql.SQL("DELETE FROM {}").format(version))
@@ -268,7 +279,21 @@ def heal_skipped(conn: Conn, tenant: str, additive: Sequence[str]) -> list[str]:
     log.warning(
         "tenant was at expand without revisions added before the marker; running them now",
         tenant=tenant,
-        ledger="missing" if not applied else "kept",
         rerun=rerun,
     )
     return rerun
+
+
+def walk_additive(script: Any) -> list[str]:
+    """The revisions of an Alembic ``ScriptDirectory`` before the marker, oldest first."""
+    walked = [r.revision for r in script.walk_revisions(base="base", head=EXPAND)]
+    return [r for r in reversed(walked) if r != EXPAND]
+
+
+@functools.cache
+def additive_revisions() -> list[str]:
+    """This release's revisions before the ``expand`` marker, oldest first."""
+    from alembic.script import ScriptDirectory
+
+    cfg = alembic_config("postgresql://unused")
+    return walk_additive(ScriptDirectory.from_config(cfg))

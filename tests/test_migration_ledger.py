@@ -13,7 +13,7 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from cdc import migrate, project
+from cdc import deploy, migrate, project
 from tests.capture_support import TENANT, Conn, go, img, in_sync, new_product, write_images
 
 LOG_FUNCTION = f"{TENANT}.imgmig_log_products_row()"
@@ -130,3 +130,18 @@ def test_read_only_commands_leave_no_ledger_behind(seeded_url: str) -> None:
         ).fetchone()
         assert row is not None
         assert row[0] == 0
+
+
+def test_deploy_runs_the_skipped_revisions_before_the_next_stage(
+    conn: Conn, migrated_url: str
+) -> None:
+    """``deploy`` counts a tenant at ``expand`` with skipped revisions as not expanded."""
+    go(conn, "dual_write")
+    migrate.downgrade(migrated_url, "0004_capture_v3", tenants=[TENANT])
+    stamp_as_an_earlier_release(conn)
+    assert migrate.skipped_revisions(conn, TENANT) == ["0005_mapping_v3"]
+    assert deploy.next_step(conn, TENANT) is deploy.Step.EXPAND
+    assert deploy.plan(conn, [TENANT])[TENANT][:2] == [deploy.Step.EXPAND, deploy.Step.BACKFILL]
+    migrate.upgrade(migrated_url, tenants=[TENANT])
+    assert migrate.skipped_revisions(conn, TENANT) == []
+    assert deploy.next_step(conn, TENANT) is deploy.Step.BACKFILL
