@@ -105,8 +105,8 @@ def plan(conn: Conn, tenants: Sequence[str] | None) -> dict[str, list[Step]]:
     for tenant in resolve(conn, tenants):
         first = next_step(conn, tenant)
         out[tenant] = [] if first is None else order[order.index(first) :]
-        state = stage_mod.get_all(conn, [tenant])
-        if first is Step.EXPAND and state:  # revisions it skipped, then where its stage is
+        state = stage_mod.get_all(conn, [tenant]) if first is Step.EXPAND else []
+        if state:  # expanded before: the revisions it skipped, then where its stage is
             then = _stage_step(conn, tenant, state[0].stage)
             out[tenant] = [Step.EXPAND] + ([] if then is None else order[order.index(then) :])
     return out

@@ -247,7 +247,7 @@ def skipped_revisions(conn: Conn, tenant: str, additive: Sequence[str] | None = 
     """
     if tenant_revision(conn, tenant) != EXPAND:
         return []
-    chain = list(additive) if additive is not None else additive_revisions()
+    chain = list(additive if additive is not None else additive_revisions())
     applied = applied_revisions(conn, tenant)
     if not applied:
         return chain[chain.index(FIRST_RELEASE_MARKER_PARENT) + 1 :]
@@ -291,9 +291,9 @@ def walk_additive(script: Any) -> list[str]:
 
 
 @functools.cache
-def additive_revisions() -> list[str]:
+def additive_revisions() -> tuple[str, ...]:
     """This release's revisions before the ``expand`` marker, oldest first."""
     from alembic.script import ScriptDirectory
 
     cfg = alembic_config("postgresql://unused")
-    return walk_additive(ScriptDirectory.from_config(cfg))
+    return tuple(walk_additive(ScriptDirectory.from_config(cfg)))
