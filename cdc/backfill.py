@@ -13,7 +13,8 @@ Per tenant, in keyset batches over ``products.id``, each batch one transaction:
 4. advance the checkpoint, then commit, asynchronously (``_BATCH_SETTINGS`` says why
    that is safe).
 
-Between batches: the pause switch, the rate limit and the batch-size controller. A lost
+Between batches: the pause switch, the replication-lag limit (``cdc.replicas``), the rate
+limit and the batch-size controller. A lost
 connection rolls the open batch back; the worker reconnects and resumes from the
 checkpoint. One advisory lock per tenant (``cdc.locks``) keeps two runs apart.
 """
@@ -30,7 +31,7 @@ import psycopg
 import structlog
 from psycopg import errors, sql
 
-from cdc import capture, checkpoint, labels, locks
+from cdc import capture, checkpoint, labels, locks, replicas
 from cdc import stage as stage_mod
 from cdc.db import Conn, connect
 from cdc.errors import ImgmigError, StageRefusedError
@@ -54,6 +55,7 @@ class BackfillConfig:
     label_strategies: tuple[str, ...] = labels.DEFAULT
     restart: bool = False
     pause_poll_s: float = 0.5
+    max_replica_lag: int | None = replicas.DEFAULT_MAX_LAG  # bytes; None: no limit
     lock_timeout_ms: int = 2000
     reconnect_attempts: int = 8
 
@@ -86,6 +88,7 @@ class Progress(Protocol):
     def start(self, tenant: str, total: int, done: int) -> None: ...
     def batch(self, batch: Batch) -> None: ...
     def paused(self, tenant: str) -> None: ...
+    def throttled(self, tenant: str, lag: replicas.Lag, limit: int) -> None: ...
     def finish(self, result: TenantResult) -> None: ...
 
 
@@ -210,6 +213,7 @@ class _Worker:
     strategies: tuple[labels.LabelStrategy, ...]
     progress: Progress
     result: TenantResult = field(init=False)
+    _unseen_checked: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.result = TenantResult(self.tenant)
@@ -233,6 +237,7 @@ class _Worker:
         after, max_id = cp.last_id, cp.max_id or 0
         while after < max_id:
             self._wait_while_paused(conn)
+            self._wait_for_replicas(conn)
             batch = self._one_batch(conn, after, max_id, size)
             if batch is None:
                 break
@@ -317,6 +322,27 @@ class _Worker:
                 self.progress.paused(self.tenant)
                 announced = True
             time.sleep(self.config.pause_poll_s)
+
+    def _wait_for_replicas(self, conn: Conn) -> None:
+        """Wait, holding no lock, while a WAL consumer is over the lag limit."""
+        limit = self.config.max_replica_lag
+        if not limit:
+            return
+        waited = False
+        while (lag := replicas.furthest(conn)) is not None and lag.bytes > limit:
+            if not waited:
+                self.progress.throttled(self.tenant, lag, limit)
+                waited = True
+            time.sleep(self.config.pause_poll_s)
+        if waited:
+            log.info("replicas caught up; backfill goes on", tenant=self.tenant)
+        elif lag is None and not self._unseen_checked:
+            self._unseen_checked = True  # once per worker: a query less per batch
+            if replicas.unseen(conn):
+                log.warning(
+                    "cannot read the replication lag (needs pg_read_all_stats); not throttling",
+                    tenant=self.tenant,
+                )
 
 
 def pause(url: str) -> None:

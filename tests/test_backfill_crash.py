@@ -20,24 +20,20 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from cdc import backfill, migrate, reconcile, server
+from cdc import backfill, reconcile, server
 from cdc.pacing import BatchSizer
 from cdc.progress import Silent
-from cdc.seed import SeedConfig, seed
-from tests.backfill_helpers import duplicate_orders, exact_mismatches, ident, scalar, set_stage
+from tests.backfill_helpers import (
+    T,
+    duplicate_orders,
+    exact_mismatches,
+    ident,
+    last_id,
+    one_tenant,
+    scalar,
+)
 
-T = "user_1"
 WRITER_PRODUCTS = 3000
-
-
-def one_tenant(url: str, products: int) -> str:
-    """One tenant with ``products`` products, migrated, in dual_write."""
-    with psycopg.connect(url) as conn:
-        config = SeedConfig(tenants=1, products=products, labels=products // 5, seed=11)
-        seed(conn, config)
-    migrate.upgrade(url)
-    set_stage(url, "dual_write", (T,))
-    return url
 
 
 @pytest.fixture
@@ -48,13 +44,6 @@ def big_url(database_url: str) -> str:
 @pytest.fixture
 def mid_url(database_url: str) -> str:
     return one_tenant(database_url, WRITER_PRODUCTS)
-
-
-def last_id(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute(
-        "SELECT last_id FROM imgmig.backfill_state WHERE tenant = %s", (T,)
-    ).fetchone()
-    return int(row[0]) if row else 0
 
 
 def wait_backends_gone(conn: psycopg.Connection[Any]) -> None:

@@ -12,22 +12,14 @@ from psycopg.types.json import Jsonb
 from structlog.testing import capture_logs
 
 from cdc import backfill, cutover, migrate, reconcile
-from cdc.backfill import BackfillConfig, Batch, TenantResult
+from cdc.backfill import BackfillConfig
 from cdc.contract import rebuild_jsonb, restore_archive
 from cdc.errors import ContractRefusedError
+from cdc.progress import Silent
 from cdc.stage import Stage
 from cdc.tenants import discover
 
 NOW = {"contract_min_table_age": "0"}
-
-
-class Quiet:
-    """A backfill progress sink that shows nothing."""
-
-    def start(self, tenant: str, total: int, done: int) -> None: ...
-    def batch(self, batch: Batch) -> None: ...
-    def paused(self, tenant: str) -> None: ...
-    def finish(self, result: TenantResult) -> None: ...
 
 
 def to_table(url: str, tenants: list[str] | None = None) -> list[str]:
@@ -36,7 +28,7 @@ def to_table(url: str, tenants: list[str] | None = None) -> list[str]:
         names = tenants or discover(conn)
         cutover.change_stages(conn, names, Stage.DUAL_WRITE, reason="test")
         conn.commit()
-    backfill.run(url, names, BackfillConfig(), Quiet())
+    backfill.run(url, names, BackfillConfig(), Silent())
     assert all(o.exit_code == 0 for o in reconcile.run(url, names, mode="verify"))
     with psycopg.connect(url) as conn:
         cutover.change_stages(conn, names, Stage.SHADOW_READ, reason="test")

@@ -1,0 +1,73 @@
+"""Replication lag, as the primary sees it: how far its furthest WAL consumer is behind.
+
+A backfill writes WAL at the rate of a bulk load (its rows, their indexes and one
+snapshot event per product: about twice what a raw INSERT ... SELECT writes). Physical
+standbys replay it, logical consumers (Debezium reading the outbox) decode it, and both
+can fall behind: read replicas serve stale data, and the primary keeps the WAL they still
+need. Like gh-ost's ``--max-lag-millis``, the backfill waits between batches while a
+consumer is more than a set number of bytes behind.
+
+Lag is measured in bytes, from ``pg_stat_replication``: for each WAL sender, the distance
+from ``pg_current_wal_lsn()`` to what its client reports as replayed (physical standby)
+or confirmed (logical consumer), else flushed, written or sent. Bytes rather than
+``replay_lag``: the time columns are NULL while nothing is in flight and are an estimate,
+and a byte distance says directly how much WAL the consumer has yet to apply. The client
+reports its position when it receives WAL and at least every
+``wal_receiver_status_interval`` (10 s by default), so a consumer that has caught up
+while the primary is quiet is seen within that interval.
+
+The LSN columns are visible only to superusers and members of ``pg_read_all_stats``;
+for any other role they are NULL. :func:`furthest` then finds no lag, and
+:func:`unseen` counts the senders it could not measure, so the backfill can say so
+instead of silently not throttling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from psycopg import sql
+
+from cdc.db import Conn
+
+DEFAULT_MAX_LAG: Final = 256 * 2**20  # bytes
+
+_FURTHEST: Final = sql.SQL(
+    """SELECT coalesce(nullif(application_name, ''), 'pid ' || pid),
+              pg_wal_lsn_diff(pg_current_wal_lsn(),
+                              coalesce(replay_lsn, flush_lsn, write_lsn, sent_lsn))::bigint
+         FROM pg_stat_replication
+        WHERE coalesce(replay_lsn, flush_lsn, write_lsn, sent_lsn) IS NOT NULL
+        ORDER BY 2 DESC
+        LIMIT 1"""
+)
+
+_UNSEEN: Final = sql.SQL(
+    "SELECT count(*) FROM pg_stat_replication WHERE sent_lsn IS NULL AND pid IS NOT NULL"
+)
+
+
+@dataclass(frozen=True)
+class Lag:
+    """The furthest WAL consumer: its ``application_name`` and how many bytes behind."""
+
+    consumer: str
+    bytes: int
+
+    def __str__(self) -> str:
+        return f"{self.consumer} is {self.bytes / 2**20:,.1f} MiB behind"
+
+
+def furthest(conn: Conn) -> Lag | None:
+    """The consumer furthest behind, or None when there is none this role can see."""
+    row = conn.execute(_FURTHEST).fetchone()
+    if row is None:
+        return None
+    return Lag(str(row[0]), max(0, int(row[1])))
+
+
+def unseen(conn: Conn) -> int:
+    """WAL senders whose position this role cannot read (or that have sent nothing yet)."""
+    row = conn.execute(_UNSEEN).fetchone()
+    return int(row[0]) if row else 0

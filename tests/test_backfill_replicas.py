@@ -1,0 +1,145 @@
+"""The backfill waits while a standby is too far behind, and goes on once it catches up.
+
+A real streaming standby (``pg_basebackup -R`` of a private embedded server) whose replay
+is paused: the backfill's WAL piles up unreplayed, so the lag the primary sees grows.
+Private servers, so the test runs the same on both CI passes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from cdc import backfill, server
+from cdc.backfill import BackfillConfig, TenantResult
+from cdc.pacing import BatchSizer
+from cdc.progress import Silent
+from tests.backfill_helpers import (
+    T,
+    exact_mismatches,
+    ident,
+    last_id,
+    one_tenant,
+    scalar,
+    set_stage,
+)
+
+LIMIT = 512 * 1024  # bytes: a few of these small batches' WAL
+
+
+def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+REPLAY_PAUSED = sql.SQL("SELECT pg_get_wal_replay_pause_state()")
+CAUGHT_UP = sql.SQL(
+    "SELECT count(*) FILTER (WHERE replay_lsn >= pg_current_wal_lsn()) = 1 "
+    "AND count(*) = 1 FROM pg_stat_replication"
+)
+
+
+def caught_up(url: str) -> bool:
+    """The one standby has replayed everything written so far."""
+    with psycopg.connect(url) as conn:
+        return bool(scalar(conn, CAUGHT_UP))
+
+
+def row_count(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        return int(scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(
+            ident(T, "product_images"))))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_backfill_waits_for_a_lagging_standby_then_finishes_exact() -> None:
+    base = Path(tempfile.mkdtemp(prefix=server.TEST_DIR_PREFIX, dir="/tmp"))
+    (base / "owner.pid").write_text(str(os.getpid()))
+    primary, primary_handle = server.start_embedded(base / "p")
+    handles = [primary_handle]
+    try:
+        url = one_tenant(server.fresh_database(primary.url, "imgmig_replicas"), 1500)
+        with psycopg.connect(url, autocommit=True) as conn:
+            # Set the hint bits now: with data checksums (PostgreSQL 18's default) the first
+            # read of fresh rows after a checkpoint logs every page whole, a megabyte of
+            # WAL the backfill's first count would otherwise write while replay is paused.
+            conn.execute(sql.SQL("VACUUM {}").format(ident(T, "products")))
+        standby, standby_handle = server.start_standby(primary, base / "p", base / "s")
+        handles.append(standby_handle)
+        standby_url = server.with_database(standby.url, "imgmig_replicas")
+        with psycopg.connect(standby.url, autocommit=True) as standby_conn:
+            # report the replay position every second, not every 10 s
+            standby_conn.execute("ALTER SYSTEM SET wal_receiver_status_interval = '1s'")
+            standby_conn.execute("SELECT pg_reload_conf()")
+            wait_until(lambda: caught_up(url), 60, "the standby to catch up first")
+            standby_conn.execute("SELECT pg_wal_replay_pause()")
+            wait_until(
+                lambda: scalar(standby_conn, REPLAY_PAUSED) == "paused", 30, "replay to pause"
+            )
+
+            progress = Silent()
+            config = BackfillConfig(
+                batch_size=100,
+                sizer=BatchSizer(target_s=0.05, maximum=100),
+                max_replica_lag=LIMIT,
+                pause_poll_s=0.1,
+            )
+            results: list[TenantResult] = []
+            worker = threading.Thread(
+                target=lambda: results.extend(backfill.run(url, [T], config, progress))
+            )
+            worker.start()
+            try:
+                wait_until(lambda: progress.throttles, 60, "the backfill to wait")
+                tenant, lag = progress.throttles[0]
+                assert (tenant, lag.consumer) == (T, "walreceiver")
+                assert lag.bytes > LIMIT
+                with psycopg.connect(url, autocommit=True) as conn:
+                    held = last_id(conn)
+                    # it did start, and it stopped before the end
+                    assert 0 < held < 1500, (held, progress.throttles, progress.batches)
+                    time.sleep(1.5)
+                    assert last_id(conn) == held, "the backfill went on past the limit"
+                assert worker.is_alive()
+                assert row_count(standby_url) == 0  # nothing of the backfill replayed yet
+            finally:
+                standby_conn.execute("SELECT pg_wal_replay_resume()")
+                worker.join(120)
+            assert not worker.is_alive()
+
+        assert [(r.tenant, r.status) for r in results] == [(T, "done")]
+        with psycopg.connect(url) as conn:
+            assert last_id(conn) == 1500
+            assert exact_mismatches(conn, T) == 0
+        rows = row_count(url)
+        wait_until(lambda: row_count(standby_url) == rows, 60, "the standby to replay")
+    finally:
+        for handle in reversed(handles):
+            server.stop_embedded(handle)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_no_standby_means_no_waiting(migrated_url: str) -> None:
+    """Without a WAL consumer the limit never holds a batch back, however small it is."""
+    set_stage(migrated_url, "dual_write", (T,))
+    with psycopg.connect(migrated_url) as conn:
+        consumers = scalar(conn, sql.SQL("SELECT count(*) FROM pg_stat_replication"))
+    assert consumers == 0, "this test needs a server without standbys"
+    progress = Silent()
+    results = backfill.run(migrated_url, [T], BackfillConfig(max_replica_lag=1), progress)
+    assert [(r.tenant, r.status) for r in results] == [(T, "done")]
+    assert results[0].products > 0
+    assert progress.throttles == []
