@@ -15,7 +15,9 @@ One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
    100 ms with psutil) while the same writers run; rows per second from the checkpoint.
 5. Raw baseline again, on the emptied tables: the raw rate moves by ±20% between runs
    (checkpoints), so the ratio uses the mean of the two, and both are printed.
-6. Print: backfill ÷ raw throughput, writer p99 during ÷ idle, peak RSS of the backfill.
+6. Print: backfill ÷ raw throughput, writer p99 during ÷ idle, peak RSS of the backfill,
+   and the WAL each wrote per image row (what standbys and logical consumers must apply;
+   the backfill's includes the concurrent writers' few MB).
 """
 
 from __future__ import annotations
@@ -77,8 +79,24 @@ def prepare(url: str, products: int) -> dict[str, int]:
     return tenants
 
 
+def wal_position(url: str) -> str:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        return str(row[0]) if row else "0/0"
+
+
+def wal_since(url: str, start: str) -> int:
+    """Bytes of WAL written since ``start``."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s::pg_lsn)::bigint", (start,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+
 def raw_baseline(url: str, tenants: dict[str, int]) -> tuple[int, float]:
     rows, started = 0, time.monotonic()
+    wal_start = wal_position(url)
     with psycopg.connect(url, autocommit=True) as conn:
         for tenant in tenants:
             stmt = sql.SQL(RAW).format(
@@ -87,6 +105,8 @@ def raw_baseline(url: str, tenants: dict[str, int]) -> tuple[int, float]:
             )
             rows += conn.execute(stmt).rowcount
         took = time.monotonic() - started
+    wal = wal_since(url, wal_start)
+    print(f"  raw WAL: {wal / 2**20:,.0f} MiB, {wal / max(rows, 1):,.0f} bytes per row")
     empty(url, tenants)
     return rows, took
 
@@ -197,13 +217,17 @@ def main() -> None:
         time.sleep(args.idle_s)
         idle = writers.finish()
         writers.start()
+        wal_start = wal_position(url)
         took, rss, last = run_backfill(url, args.workers, args.target_ms)
         busy = writers.finish()
+        wal = wal_since(url, wal_start)
         assert json.loads(last)["exit_code"] == 0
         rows = table_rows(url, tenants)
         print(f"backfill: {rows:,} rows in {took:.1f} s = {rows / took:,.0f} rows/s "
               f"(workers={args.workers}, target {args.target_ms} ms, "
               "process start included)")  # fmt: skip
+        print(f"  backfill WAL: {wal / 2**20:,.0f} MiB, {wal / max(rows, 1):,.0f} bytes per row "
+              "(the writers' included)")  # fmt: skip
         empty(url, tenants)
         again_rows, again_s = raw_baseline(url, tenants)
         again_rate = again_rows / again_s

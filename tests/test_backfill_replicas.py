@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from cdc import backfill, server
+from cdc import backfill, replicas, server
 from cdc.backfill import BackfillConfig, TenantResult
 from cdc.pacing import BatchSizer
 from cdc.progress import Silent
@@ -56,6 +56,10 @@ def caught_up(url: str) -> bool:
     """The one standby has replayed everything written so far."""
     with psycopg.connect(url) as conn:
         return bool(scalar(conn, CAUGHT_UP))
+
+
+def conninfo_as(url: str, user: str) -> str:
+    return psycopg.conninfo.make_conninfo(url, user=user)
 
 
 def row_count(url: str) -> int:
@@ -121,6 +125,12 @@ def test_backfill_waits_for_a_lagging_standby_then_finishes_exact() -> None:
             assert not worker.is_alive()
 
         assert [(r.tenant, r.status) for r in results] == [(T, "done")]
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert replicas.unseen(conn) == 0  # a superuser reads the positions
+            conn.execute("CREATE ROLE imgmig_plain LOGIN")
+        with psycopg.connect(conninfo_as(url, "imgmig_plain")) as plain:
+            # without pg_read_all_stats the positions read NULL: no lag, but counted
+            assert (replicas.furthest(plain), replicas.unseen(plain)) == (None, 1)
         with psycopg.connect(url) as conn:
             assert last_id(conn) == 1500
             assert exact_mismatches(conn, T) == 0
