@@ -81,6 +81,7 @@ class TenantResult:
     batches: int = 0
     malformed: int = 0
     reconnects: int = 0
+    replica_wait_s: float = 0.0  # time spent waiting for lagging WAL consumers
     error: str | None = None
 
 
@@ -328,14 +329,17 @@ class _Worker:
         limit = self.config.max_replica_lag
         if not limit:
             return
-        waited = False
+        began: float | None = None
         while (lag := replicas.furthest(conn)) is not None and lag.bytes > limit:
-            if not waited:
+            if began is None:
                 self.progress.throttled(self.tenant, lag, limit)
-                waited = True
+                began = time.monotonic()
             time.sleep(self.config.pause_poll_s)
-        if waited:
-            log.info("replicas caught up; backfill goes on", tenant=self.tenant)
+        if began is not None:
+            waited = time.monotonic() - began
+            self.result.replica_wait_s += waited
+            log.info("replicas caught up; backfill goes on", tenant=self.tenant,
+                     waited_s=round(waited, 1))  # fmt: skip
         elif lag is None and not self._unseen_checked:
             self._unseen_checked = True  # once per worker: a query less per batch
             if replicas.unseen(conn):

@@ -121,6 +121,7 @@ def backfill(  # noqa: PLR0917 - Typer derives options from parameters
         failed=[r.tenant for r in failed],
         products=sum(r.products for r in results),
         rows=sum(r.rows for r in results),
+        replica_wait_s=round(sum(r.replica_wait_s for r in results), 1),
     )
     raise typer.Exit(code)
 
@@ -145,6 +146,7 @@ def backfill_status() -> None:
     with connect(url(), autocommit=True) as conn:
         states = checkpoint.read_all(conn)
         paused = checkpoint.paused(conn)
+        lag, unseen = replicas.furthest(conn), replicas.unseen(conn)
     table = Table("tenant", "status", "last id", "max id", "products", "rows", "batch")
     for cp in states:
         table.add_row(
@@ -153,6 +155,13 @@ def backfill_status() -> None:
         )  # fmt: skip
     out.print(table)
     out.print("backfill is [bold]paused[/]" if paused else "backfill is not paused")
+    if lag is not None:
+        out.print(f"replication: {lag} (a backfill waits above --max-replica-lag)")
+    elif unseen:
+        out.print(f"replication: {unseen} WAL consumer(s) this role cannot see "
+                  "(grant pg_read_all_stats)")  # fmt: skip
+    else:
+        out.print("replication: no standby or logical consumer connected")
 
 
 def register(app: typer.Typer) -> None:

@@ -112,6 +112,7 @@ class LogLines:
             batches=result.batches,
             malformed=result.malformed,
             reconnects=result.reconnects,
+            replica_wait_s=round(result.replica_wait_s, 1),
             error=result.error,
         )
 

@@ -3,9 +3,10 @@
 A backfill writes WAL at the rate of a bulk load (its rows, their indexes and one
 snapshot event per product: 1.4 times what a raw INSERT ... SELECT writes per row on the
 benchmark, BENCHMARKS.md). Physical standbys replay it, logical consumers (Debezium
-reading the outbox) decode it, and both can fall behind: read replicas serve stale data, and the primary keeps the WAL they still
-need. Like gh-ost's ``--max-lag-millis``, the backfill waits between batches while a
-consumer is more than a set number of bytes behind.
+reading the outbox) decode it, and both can fall behind: read replicas serve stale data,
+and the primary keeps the WAL they still need. Like gh-ost's ``--max-lag-millis``, the
+backfill waits between batches while a consumer is more than a set number of bytes
+behind.
 
 Lag is measured in bytes, from ``pg_stat_replication``: for each WAL sender, the distance
 from ``pg_current_wal_lsn()`` to what its client reports as replayed (physical standby)

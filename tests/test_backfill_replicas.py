@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -119,12 +121,18 @@ def test_backfill_waits_for_a_lagging_standby_then_finishes_exact() -> None:
                     assert last_id(conn) == held, "the backfill went on past the limit"
                 assert worker.is_alive()
                 assert row_count(standby_url) == 0  # nothing of the backfill replayed yet
+                status = subprocess.run(
+                    [sys.executable, "-m", "cdc", "--database-url", url, "backfill", "status"],
+                    capture_output=True, text=True, timeout=60, check=True,
+                )  # fmt: skip
+                assert "replication: walreceiver is" in status.stdout, status.stdout
             finally:
                 standby_conn.execute("SELECT pg_wal_replay_resume()")
                 worker.join(120)
             assert not worker.is_alive()
 
         assert [(r.tenant, r.status) for r in results] == [(T, "done")]
+        assert results[0].replica_wait_s >= 1.5  # at least the time the test watched it wait
         with psycopg.connect(url, autocommit=True) as conn:
             assert replicas.unseen(conn) == 0  # a superuser reads the positions
             conn.execute("CREATE ROLE imgmig_plain LOGIN")

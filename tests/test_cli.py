@@ -117,7 +117,12 @@ def test_flag_get_shows_deferred_projection_lag(migrated_url: str) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [("verify", "--no-such-flag"), ("reconcile", "--workers", "x"), ("no-such-command",)],
+    [
+        ("verify", "--no-such-flag"),
+        ("reconcile", "--workers", "x"),
+        ("no-such-command",),
+        ("backfill", "--max-replica-lag", "lots"),
+    ],
 )
 def test_usage_errors_exit_64_never_a_cron_code(args: tuple[str, ...]) -> None:
     """A broken command line exits 64 (EX_USAGE), not 2, which reconcile uses for drift."""
