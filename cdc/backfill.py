@@ -14,9 +14,9 @@ Per tenant, in keyset batches over ``products.id``, each batch one transaction:
    that is safe).
 
 Between batches: the pause switch, the replication-lag limit (``cdc.replicas``), the rate
-limit and the batch-size controller. A lost
-connection rolls the open batch back; the worker reconnects and resumes from the
-checkpoint. One advisory lock per tenant (``cdc.locks``) keeps two runs apart.
+limit and the batch-size controller. A lost connection rolls the open batch back; the
+worker reconnects and resumes from the checkpoint. One advisory lock per tenant
+(``cdc.locks``) keeps two runs apart.
 """
 
 from __future__ import annotations
