@@ -56,6 +56,7 @@ class BackfillConfig:
     restart: bool = False
     pause_poll_s: float = 0.5
     max_replica_lag: int | None = replicas.DEFAULT_MAX_LAG  # bytes; None: no limit
+    replica_lag_ignore: tuple[str, ...] = ()  # application names, e.g. a delayed standby
     lock_timeout_ms: int = 2000
     reconnect_attempts: int = 8
 
@@ -330,7 +331,8 @@ class _Worker:
         if not limit:
             return
         began: float | None = None
-        while (lag := replicas.furthest(conn)) is not None and lag.bytes > limit:
+        ignore = self.config.replica_lag_ignore
+        while (lag := replicas.furthest(conn, ignore)) is not None and lag.bytes > limit:
             if began is None:
                 self.progress.throttled(self.tenant, lag, limit)
                 began = time.monotonic()

@@ -93,6 +93,14 @@ def backfill(  # noqa: PLR0917 - Typer derives options from parameters
             "behind in WAL (0: never wait).",
         ),
     ] = replicas.DEFAULT_MAX_LAG,
+    replica_lag_ignore: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            metavar="NAME",
+            help="A consumer's application_name not to wait for, e.g. a delayed standby "
+            "(repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Backfill product_images from JSONB, resumable (kill -9 safe), tenants in parallel."""
     if ctx.invoked_subcommand is not None:
@@ -105,6 +113,7 @@ def backfill(  # noqa: PLR0917 - Typer derives options from parameters
         label_strategies=tuple(label_strategy) if label_strategy else labels.DEFAULT,
         restart=restart,
         max_replica_lag=max_replica_lag or None,
+        replica_lag_ignore=tuple(replica_lag_ignore or ()),
     )
     wanted = chosen(tenant, all_, "backfill")
     if sys.stderr.isatty():

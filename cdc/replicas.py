@@ -25,6 +25,7 @@ instead of silently not throttling.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -40,6 +41,7 @@ _FURTHEST: Final = sql.SQL(
                               coalesce(replay_lsn, flush_lsn, write_lsn, sent_lsn))::bigint
          FROM pg_stat_replication
         WHERE coalesce(replay_lsn, flush_lsn, write_lsn, sent_lsn) IS NOT NULL
+          AND application_name <> ALL (%s::text[])
         ORDER BY 2 DESC
         LIMIT 1"""
 )
@@ -61,9 +63,13 @@ class Lag:
         return f"{self.consumer} is {self.bytes / 2**20:,.1f} MiB behind"
 
 
-def furthest(conn: Conn) -> Lag | None:
-    """The consumer furthest behind, or None when there is none this role can see."""
-    row = conn.execute(_FURTHEST).fetchone()
+def furthest(conn: Conn, ignore: Sequence[str] = ()) -> Lag | None:
+    """The consumer furthest behind, or None when there is none this role can see.
+
+    ``ignore``: application names not to count, such as a delayed standby
+    (``recovery_min_apply_delay``), which is behind by design.
+    """
+    row = conn.execute(_FURTHEST, (list(ignore),)).fetchone()
     if row is None:
         return None
     return Lag(str(row[0]), max(0, int(row[1])))

@@ -126,6 +126,9 @@ def test_backfill_waits_for_a_lagging_standby_then_finishes_exact() -> None:
                     capture_output=True, text=True, timeout=60, check=True,
                 )  # fmt: skip
                 assert "replication: walreceiver is" in status.stdout, status.stdout
+                with psycopg.connect(url) as conn:  # a delayed standby can be left out
+                    assert replicas.furthest(conn, ignore=["walreceiver"]) is None
+                    assert replicas.furthest(conn, ignore=["other"]) is not None
             finally:
                 standby_conn.execute("SELECT pg_wal_replay_resume()")
                 worker.join(120)
