@@ -18,14 +18,18 @@ from typing import Annotated, Optional
 
 import structlog
 import typer
-from pydantic import ByteSize, TypeAdapter, ValidationError
 from rich.table import Table
 
 from cdc import backfill as backfill_mod
 from cdc import checkpoint, labels, metrics, replicas, runs
 from cdc import progress as progress_mod
 from cdc import reconcile as reconcile_mod
-from cdc.cli_common import out, url
+from cdc.cli_common import (
+    MaxReplicaLagOpt,
+    ReplicaLagIgnoreOpt,
+    out,
+    url,
+)
 from cdc.db import connect
 from cdc.errors import ConflictingOptionsError, ImgmigError
 from cdc.pacing import BatchSizer
@@ -42,15 +46,6 @@ backfill_app = typer.Typer(
     help="Migrate history: `imgmig backfill --all`, or pause/resume running backfills.",
     invoke_without_command=True,
 )
-
-
-def byte_size(value: str) -> int:
-    """A size such as ``256MiB``, ``1GB`` or ``0`` (PostgreSQL's kB/MB/GB are read as powers
-    of 1,000; write KiB/MiB/GiB for powers of 1,024)."""
-    try:
-        return int(TypeAdapter(ByteSize).validate_python(value))
-    except ValidationError as exc:
-        raise typer.BadParameter(f"{value!r} is not a size such as 256MiB, 1GB or 0") from exc
 
 
 def chosen(tenant: list[str] | None, all_: bool, action: str) -> list[str] | None:
@@ -83,24 +78,8 @@ def backfill(  # noqa: PLR0917 - Typer derives options from parameters
         ),
     ] = None,
     restart: Annotated[bool, typer.Option(help="Start done tenants over.")] = False,
-    max_replica_lag: Annotated[
-        int,
-        typer.Option(
-            parser=byte_size,
-            metavar="SIZE",
-            show_default="256MiB",
-            help="Wait between batches while a standby or logical consumer is this far "
-            "behind in WAL (0: never wait).",
-        ),
-    ] = replicas.DEFAULT_MAX_LAG,
-    replica_lag_ignore: Annotated[
-        Optional[list[str]],  # noqa: UP045
-        typer.Option(
-            metavar="NAME",
-            help="A consumer's application_name not to wait for, e.g. a delayed standby "
-            "(repeatable).",
-        ),
-    ] = None,
+    max_replica_lag: MaxReplicaLagOpt = replicas.DEFAULT_MAX_LAG,
+    replica_lag_ignore: ReplicaLagIgnoreOpt = None,
 ) -> None:
     """Backfill product_images from JSONB, resumable (kill -9 safe), tenants in parallel."""
     if ctx.invoked_subcommand is not None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from cdc import contract, deploy
-from cdc.cli_common import out, url
+from cdc import contract, deploy, replicas
+from cdc.cli_common import (
+    MaxReplicaLagOpt,
+    ReplicaLagIgnoreOpt,
+    out,
+    url,
+)
 from cdc.db import connect
 from cdc.stage import Stage
 from cdc.tenants import resolve
@@ -56,15 +62,23 @@ def run(
         float, typer.Option(help="Seconds a tenant must have been at `table`.")
     ] = 3600,
     reason: str = "imgmig deploy",
+    max_replica_lag: MaxReplicaLagOpt = replicas.DEFAULT_MAX_LAG,
+    replica_lag_ignore: ReplicaLagIgnoreOpt = None,
 ) -> None:
     """Run (or resume) the sequence: expand → … → table → contract."""
     target = url()
+    defaults = deploy.DeployOptions()
     options = deploy.DeployOptions(
         canary=tuple(canary or ()),
         confirm_contract=confirm_contract,
         shadow_wait_s=shadow_wait,
         contract_min_table_age_s=contract_min_table_age,
         reason=reason,
+        backfill=replace(
+            defaults.backfill,
+            max_replica_lag=max_replica_lag or None,
+            replica_lag_ignore=tuple(replica_lag_ignore or ()),
+        ),
     )
     with connect(target) as conn:
         resolve(conn, tenant)  # unknown tenants fail before anything runs
