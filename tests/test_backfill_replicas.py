@@ -7,6 +7,7 @@ Private servers, so the test runs the same on both CI passes.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -21,9 +22,12 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from rich.console import Console
+from structlog.testing import capture_logs
 
 from cdc import backfill, replicas, server
-from cdc.backfill import BackfillConfig, TenantResult
+from cdc import progress as progress_mod
+from cdc.backfill import BackfillConfig, Batch, TenantResult
 from cdc.pacing import BatchSizer
 from cdc.progress import Silent
 from tests.backfill_helpers import (
@@ -164,3 +168,22 @@ def test_no_standby_means_no_waiting(migrated_url: str) -> None:
     assert [(r.tenant, r.status) for r in results] == [(T, "done")]
     assert results[0].products > 0
     assert progress.throttles == []
+
+
+def test_progress_says_which_consumer_a_tenant_waits_for_and_clears_it() -> None:
+    """The bar names the consumer and its lag while waiting; the next batch clears it."""
+    lag = replicas.Lag("standby-eu", 300 * 2**20)
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=150)
+    with progress_mod.bars(console) as bars:
+        bars.start(T, total=10, done=0)
+        bars.throttled(T, lag, replicas.DEFAULT_MAX_LAG)
+        task = bars.bars.tasks[0]
+        assert task.description == f"{T} (waiting: standby-eu is 300.0 MiB behind)"
+        bars.batch(Batch(T, 5, 25, 5, 0.1, 5, 0, 0))
+        assert (task.description, task.completed) == (T, 5)
+    with capture_logs() as logs:
+        progress_mod.LogLines().throttled(T, lag, replicas.DEFAULT_MAX_LAG)
+    assert [(e["log_level"], e["consumer"], e["lag_bytes"], e["limit_bytes"]) for e in logs] == [
+        ("warning", "standby-eu", 300 * 2**20, replicas.DEFAULT_MAX_LAG)
+    ]
