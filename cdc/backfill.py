@@ -90,7 +90,7 @@ class Progress(Protocol):
     def start(self, tenant: str, total: int, done: int) -> None: ...
     def batch(self, batch: Batch) -> None: ...
     def paused(self, tenant: str) -> None: ...
-    def throttled(self, tenant: str, lag: replicas.Lag, limit: int) -> None: ...
+    def throttled(self, tenant: str, lag: replicas.Lag, limit: int) -> None: ...  # each poll
     def finish(self, result: TenantResult) -> None: ...
 
 
@@ -333,9 +333,8 @@ class _Worker:
         began: float | None = None
         ignore = self.config.replica_lag_ignore
         while (lag := replicas.furthest(conn, ignore)) is not None and lag.bytes > limit:
-            if began is None:
-                self.progress.throttled(self.tenant, lag, limit)
-                began = time.monotonic()
+            self.progress.throttled(self.tenant, lag, limit)  # each poll: the lag as it moves
+            began = time.monotonic() if began is None else began
             time.sleep(self.config.pause_poll_s)
         if began is not None:
             waited = time.monotonic() - began

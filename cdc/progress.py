@@ -58,10 +58,13 @@ class Silent:
 
 @dataclass
 class LogLines:
-    """One JSON line per tenant per ``every_s`` seconds, plus start, pause and finish."""
+    """One JSON line per tenant per ``every_s`` seconds, plus start, pause and finish;
+    while a tenant waits for a lagging replica, one line per ``wait_every_s``."""
 
     every_s: float = 1.0
+    wait_every_s: float = 30.0  # while a tenant waits for a replica, one line this often
     _last: dict[str, float] = field(default_factory=dict)
+    _last_wait: dict[str, float] = field(default_factory=dict)
     _done: dict[str, int] = field(default_factory=dict)
     _total: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -94,6 +97,11 @@ class LogLines:
         log.info("backfill paused; waiting for imgmig backfill resume", tenant=tenant)
 
     def throttled(self, tenant: str, lag: Lag, limit: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_wait.get(tenant, -self.wait_every_s) < self.wait_every_s:
+                return
+            self._last_wait[tenant] = now
         log.warning(
             "replication lag over the limit; waiting for the consumer to catch up",
             tenant=tenant,

@@ -182,8 +182,12 @@ def test_progress_says_which_consumer_a_tenant_waits_for_and_clears_it() -> None
         assert task.description == f"{T} (waiting: standby-eu is 300.0 MiB behind)"
         bars.batch(Batch(T, 5, 25, 5, 0.1, 5, 0, 0))
         assert (task.description, task.completed) == (T, 5)
+    lines = progress_mod.LogLines(wait_every_s=3600)
     with capture_logs() as logs:
-        progress_mod.LogLines().throttled(T, lag, replicas.DEFAULT_MAX_LAG)
-    assert [(e["log_level"], e["consumer"], e["lag_bytes"], e["limit_bytes"]) for e in logs] == [
-        ("warning", "standby-eu", 300 * 2**20, replicas.DEFAULT_MAX_LAG)
+        for _ in range(3):  # three polls of one wait: one line, not three
+            lines.throttled(T, lag, replicas.DEFAULT_MAX_LAG)
+        lines.throttled("user_2", lag, replicas.DEFAULT_MAX_LAG)  # each tenant says it
+    assert [(e["log_level"], e["tenant"], e["consumer"], e["lag_bytes"]) for e in logs] == [
+        ("warning", T, "standby-eu", 300 * 2**20),
+        ("warning", "user_2", "standby-eu", 300 * 2**20),
     ]
