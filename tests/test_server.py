@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,25 +84,28 @@ def test_models_follow_the_tenant(migrated_url: str) -> None:
 def test_orphaned_embedded_server_is_stopped() -> None:
     """A server whose owning process was SIGKILLed is stopped by the next session."""
     base = Path(tempfile.mkdtemp(prefix=server.TEST_DIR_PREFIX, dir="/tmp"))
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    (base / "owner.pid").write_text(str(owner.pid))
-    srv, _handle = server.start_embedded(base / "d", keep_running=True)
-    with psycopg.connect(srv.url) as conn:
-        conn.execute("SELECT 1")
-    owner.kill()
-    owner.wait()
-    assert server.kill_orphans() >= 1
-    deadline = time.monotonic() + 30
-    pgdata = str(base / "d")
-    while time.monotonic() < deadline:
-        alive = [
-            p for p in psutil.process_iter(attrs=["name", "cmdline"])
-            if p.info["name"] == "postgres" and pgdata in " ".join(p.info["cmdline"] or [])
-        ]  # fmt: skip
-        if not alive:
-            break
-        time.sleep(0.2)
-    assert not alive
+    try:
+        owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        (base / "owner.pid").write_text(str(owner.pid))
+        srv, _handle = server.start_embedded(base / "d", keep_running=True)
+        with psycopg.connect(srv.url) as conn:
+            conn.execute("SELECT 1")
+        owner.kill()
+        owner.wait()
+        assert server.kill_orphans() >= 1
+        deadline = time.monotonic() + 30
+        pgdata = str(base / "d")
+        while time.monotonic() < deadline:
+            alive = [
+                p for p in psutil.process_iter(attrs=["name", "cmdline"])
+                if p.info["name"] == "postgres" and pgdata in " ".join(p.info["cmdline"] or [])
+            ]  # fmt: skip
+            if not alive:
+                break
+            time.sleep(0.2)
+        assert not alive
+    finally:
+        shutil.rmtree(base, ignore_errors=True)  # the stopped server's files
 
 
 def test_batch_connections_run_without_jit_and_keep_the_urls_options(
