@@ -1,8 +1,9 @@
-"""The backfill waits while a standby is too far behind, and goes on once it catches up.
+"""The backfill waits while a WAL consumer is too far behind, and goes on once it catches up.
 
-A real streaming standby (``pg_basebackup -R`` of a private embedded server) whose replay
-is paused: the backfill's WAL piles up unreplayed, so the lag the primary sees grows.
-Private servers, so the test runs the same on both CI passes.
+Two real consumers of a private embedded server: a streaming standby (``pg_basebackup
+-R``) whose replay is paused, and a logical client (``pg_recvlogical``, in Debezium's
+place) stopped with SIGSTOP. Either way the backfill's WAL piles up unapplied, so the
+lag the primary sees grows. Private servers, so the tests run the same on both CI passes.
 """
 
 from __future__ import annotations
