@@ -17,6 +17,8 @@ statement-level triggers with transition tables that log and project by diff;
 ``deferred`` is three row-level triggers that only log (``UPDATE OF images`` with a
 ``WHEN`` clause, so other writes cost nothing), for the projector to apply later; their
 function is written per tenant (``<tenant>.imgmig_log_products_row``, capture_v3.sql).
+``logical`` has no trigger on ``products``: its table is in a publication and the WAL
+reader (``cdc.logical``) writes the events the deferred trigger would have written.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from typing import Final
 import structlog
 from psycopg import sql
 
-from cdc import checkpoint
+from cdc import checkpoint, logical
 from cdc.db import Conn
 from cdc.ddl import run_ddl
-from cdc.errors import InvalidStageError
+from cdc.errors import InvalidStageError, LogicalCaptureError
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +45,7 @@ CURRENT_SQL: Final = (
     "capture_v2.sql",
     "capture_v3.sql",
     "mapping_v3.sql",
+    "capture_v4.sql",
 )
 
 INSTALL_LOCK: Final = "imgmig.capture.install"
@@ -126,11 +129,19 @@ ALL_TRIGGERS: Final = CAPTURE + LOG_ONLY + REVERSE
 STAGES: Final = ("jsonb", "dual_write", "shadow_read", "table", "contracted")
 
 
+PROJECTIONS: Final = ("inline", "deferred", "logical")
+#: The stages in which a logical tenant's products are in the publication.
+PUBLISHED_STAGES: Final = ("dual_write", "shadow_read")
+
+
 def triggers_for(stage: str, projection: str) -> tuple[TriggerSpec, ...]:
-    """The triggers a tenant at ``stage`` with ``projection`` ('inline'/'deferred') needs."""
+    """The triggers a tenant at ``stage`` with ``projection`` needs (see PROJECTIONS).
+
+    A logical tenant needs none on products: the WAL reader captures (cdc.logical).
+    """
     if stage not in STAGES:
         raise InvalidStageError(stage=stage)
-    capture = LOG_ONLY if projection == "deferred" else CAPTURE
+    capture = {"deferred": LOG_ONLY, "logical": ()}.get(projection, CAPTURE)
     if stage in ("dual_write", "shadow_read"):
         return capture
     if stage == "table":
@@ -193,9 +204,21 @@ def apply_stage(conn: Conn, tenant: str, stage: str) -> None:
     issued when the trigger set actually changes, so re-applying a stage takes no lock.
     Which capture shape is installed follows ``imgmig.tenant_state.projection``.
     """
-    wanted = triggers_for(stage, projection_of(conn, tenant))
+    projection = projection_of(conn, tenant)
+    if projection == "logical" and stage == "table":
+        raise LogicalCaptureError(
+            tenant=tenant,
+            reason="stage table runs the reverse sync, whose JSONB writes the WAL cannot "
+            "tell from the legacy app's; switch the tenant to deferred first "
+            "(`imgmig project --tenant T --mode deferred`)",
+        )
+    wanted = triggers_for(stage, projection)
     present = installed_triggers(conn, tenant)
     bound = log.bind(tenant=tenant, stage=stage)
+    publish = projection == "logical" and stage in PUBLISHED_STAGES
+    published = tenant in logical.published(conn)
+    if publish and not published:
+        logical.publish(conn, tenant)  # same transaction as the trigger drops below
     for spec in ALL_TRIGGERS:
         if spec.name in present and spec not in wanted:
             run_ddl(conn, spec.drop(tenant), schema=tenant)
@@ -206,6 +229,17 @@ def apply_stage(conn: Conn, tenant: str, stage: str) -> None:
         if spec.name not in present:
             run_ddl(conn, spec.create(tenant), schema=tenant)
             bound.info("trigger created", trigger=spec.name)
+    if published and not publish:
+        # The triggers just created hold products' lock: no write commits until this
+        # transaction does, so every decoded write is logged before any the triggers log.
+        if logical.slot_lost(conn):
+            bound.warning(
+                "capture slot lost: writes since its last drain were not logged; "
+                "run `imgmig reconcile` to repair the table and log their images"
+            )
+        else:
+            logical.drain(conn)
+        logical.unpublish(conn, tenant)
 
 
 def projection_of(conn: Conn, tenant: str) -> str:
@@ -217,13 +251,24 @@ def projection_of(conn: Conn, tenant: str) -> str:
 
 
 def set_projection(conn: Conn, tenant: str, mode: str) -> None:
-    """Switch ``tenant`` to 'inline' or 'deferred' projection and swap its capture triggers.
+    """Switch ``tenant`` to 'inline', 'deferred' or 'logical' projection, swapping its capture.
 
     Caller's transaction. Going back to inline does not apply pending events by itself:
-    run the projector (``cdc.project.project``) once after the switch.
+    run the projector (``cdc.project.project``) once after the switch. 'logical' needs the
+    slot (``cdc.logical.prepare``) and a complete event log: its update events carry no
+    ``before``, so the log must already hold every product's images.
     """
-    if mode not in ("inline", "deferred"):
-        raise ValueError(f"projection mode must be inline or deferred, not {mode!r}")
+    if mode not in PROJECTIONS:
+        raise ValueError(f"projection mode must be one of {', '.join(PROJECTIONS)}, not {mode!r}")
+    if mode == "logical" and projection_of(conn, tenant) != "logical":
+        reason = logical.unavailable(conn)
+        if reason is None and not checkpoint.log_complete(conn, tenant):
+            reason = (
+                "the tenant's event log is not complete (no finished backfill since capture "
+                "began): run `imgmig backfill` first; logical events carry no 'before'"
+            )
+        if reason is not None:
+            raise LogicalCaptureError(tenant=tenant, reason=reason)
     row = conn.execute(
         "UPDATE imgmig.tenant_state SET projection = %s WHERE tenant = %s RETURNING stage",
         (mode, tenant),

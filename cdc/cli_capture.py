@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cdc import events, project
+from cdc import capture, events, logical, project
 from cdc import tenants as tenants_mod
 from cdc.cli_common import out, url
 from cdc.db import connect
@@ -22,22 +22,41 @@ def project_cmd(
     all_tenants: Annotated[bool, typer.Option("--all", help="Every tenant.")] = False,
     mode: Annotated[
         Optional[str],  # noqa: UP045 - Typer needs Optional here
-        typer.Option(help="First switch projection to inline or deferred (swaps triggers)."),
+        typer.Option(
+            help="First switch projection to inline, deferred (a trigger logs each write) "
+            "or logical (the WAL does: needs wal_level=logical)."
+        ),
     ] = None,
 ) -> None:
     """Apply pending capture events to product_images (the deferred projector)."""
     if not tenant and not all_tenants:
         raise typer.BadParameter("name a --tenant or pass --all")
-    if mode not in (None, "inline", "deferred"):
-        raise typer.BadParameter("must be inline or deferred", param_hint="--mode")
+    if mode not in (None, *capture.PROJECTIONS):
+        raise typer.BadParameter(
+            f"must be one of {', '.join(capture.PROJECTIONS)}", param_hint="--mode"
+        )
     with connect(url(), autocommit=True) as conn:
-        for name in tenants_mod.resolve(conn, None if all_tenants else tenant):
+        names = tenants_mod.resolve(conn, None if all_tenants else tenant)
+        if mode == "logical" and logical.prepare(conn):
+            out.print(f"created the capture slot {logical.SLOT} (pgoutput)")
+        for name in names:
             if mode is not None:
+                # a tenant leaving logical mode drains the slot again inside the switch,
+                # under products' lock: drain the backlog now, so that one is short
+                if not logical.slot_lost(conn):
+                    logical.drain(conn)
                 with conn.transaction():
                     project.set_mode(conn, name, mode)
             applied = project.project(conn, name)
             behind = project.lag(conn, name)
-            out.print(f"{name}: {applied} products projected, {behind.pending} events pending")
+            wal = "" if behind.wal_bytes is None else f", slot {_size(behind.wal_bytes)} behind"
+            out.print(f"{name}: {applied} products projected, {behind.pending} events pending{wal}")
+        if mode is not None and mode != "logical" and logical.drop_slot_if_unused(conn):
+            out.print(f"dropped the capture slot {logical.SLOT}: no tenant uses it")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} B"
 
 
 def replay_cmd(

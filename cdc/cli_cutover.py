@@ -51,14 +51,16 @@ def flag_get(tenant: TenantOpt = None) -> None:
 
 
 def _lag(conn: Conn, state: stage_mod.TenantState) -> str:
-    """Deferred projection: events not applied yet, and the age of the oldest."""
-    if state.projection != "deferred":
+    """Deferred and logical projection: events not applied yet, the age of the oldest, and
+    for logical the WAL the capture slot has not read."""
+    if state.projection == "inline":
         return "-"
     behind = project.lag(conn, state.tenant)
+    wal = "" if behind.wal_bytes is None else f"; slot {behind.wal_bytes / 2**20:.1f} MiB behind"
     if not behind.pending or behind.oldest is None:
-        return "0 events"
+        return f"0 events{wal}"
     age = datetime.now(UTC) - behind.oldest
-    return f"{behind.pending} events, oldest {age.total_seconds():.1f} s"
+    return f"{behind.pending} events, oldest {age.total_seconds():.1f} s{wal}"
 
 
 @flag_app.command("set")

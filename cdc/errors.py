@@ -425,3 +425,19 @@ class ConflictingOptionsError(ImgmigError):
 
     def message(self) -> str:
         return f"{self.action}: {' and '.join(self.options)} exclude each other"
+
+
+# --- Triggerless capture (cdc.logical) ---------------------------------------------------
+
+
+@dataclass(eq=False)
+class LogicalCaptureError(ImgmigError):
+    """Logical capture cannot start or go on: server settings, privileges, a lost slot."""
+
+    reason: str
+    tenant: str | None = None
+    exit_code: int = 7
+
+    def message(self) -> str:
+        who = f" for tenant {self.tenant!r}" if self.tenant else ""
+        return f"logical capture{who}: {self.reason}"

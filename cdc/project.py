@@ -3,7 +3,9 @@
 In deferred mode (``imgmig.tenant_state.projection = 'deferred'``) the capture trigger
 only appends events; ``project`` applies them, in order per product and idempotently,
 with its checkpoint in ``imgmig.projector_checkpoint`` (see ``imgmig.project_pending`` in
-``cdc/sql/capture_v1.sql`` for why the checkpoint is a transaction-id horizon).
+``cdc/sql/capture_v1.sql`` for why the checkpoint is a transaction-id horizon). In
+logical mode the events come from the WAL: ``project`` first drains the capture slot
+(``cdc.logical.drain``) into the event logs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from datetime import datetime
 
 import structlog
 
-from cdc import capture
+from cdc import capture, logical
 from cdc.db import Conn
 
 log = structlog.get_logger(__name__)
@@ -21,15 +23,22 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class Lag:
-    """Events not applied yet, and when the oldest was written."""
+    """Events not applied yet, and when the oldest was written; for a logical tenant also
+    the WAL its slot has not read yet (``wal_bytes``; None for the other modes)."""
 
     tenant: str
     pending: int
     oldest: datetime | None
+    wal_bytes: int | None = None
 
 
 def project(conn: Conn, tenant: str) -> int:
-    """One projector run for ``tenant`` in its own transaction; returns products applied."""
+    """One projector run for ``tenant`` in its own transaction; returns products applied.
+
+    The capture slot is drained first, if the database has one (every logical tenant's
+    writes, not only this one's: they share the slot).
+    """
+    logical.drain(conn)
     with conn.transaction():
         row = conn.execute("SELECT imgmig.project_pending(%s)", (tenant,)).fetchone()
     count = int(row[0]) if row is not None else 0
@@ -42,13 +51,17 @@ def lag(conn: Conn, tenant: str) -> Lag:
     row = conn.execute(
         "SELECT pending, oldest FROM imgmig.projection_lag(%s)", (tenant,)
     ).fetchone()
+    wal = None
+    if capture.projection_of(conn, tenant) == "logical":
+        slot = logical.lag(conn)
+        wal = slot.bytes if slot is not None else None
     if row is None:
-        return Lag(tenant=tenant, pending=0, oldest=None)
-    return Lag(tenant=tenant, pending=int(row[0]), oldest=row[1])
+        return Lag(tenant=tenant, pending=0, oldest=None, wal_bytes=wal)
+    return Lag(tenant=tenant, pending=int(row[0]), oldest=row[1], wal_bytes=wal)
 
 
 def set_mode(conn: Conn, tenant: str, mode: str) -> None:
-    """Switch ``tenant`` between 'inline' and 'deferred' (caller's transaction).
+    """Switch ``tenant`` between 'inline', 'deferred' and 'logical' (caller's transaction).
 
     The capture triggers change shape with the mode (``cdc.capture.set_projection``).
     """

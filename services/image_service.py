@@ -51,7 +51,12 @@ from services.stores import (
 
 _STAGE = text("SELECT stage FROM imgmig.tenant_state WHERE tenant = :tenant FOR KEY SHARE")
 _MEMO = "imgmig.stage"  # session.info key: (transaction, tenant, stage)
-_SOURCE = text("SELECT set_config('imgmig.source', 'service', true)")
+# The setting tells the capture triggers who writes; the message tells the WAL reader
+# (logical capture, cdc/logical.py), which cannot see settings. Any wal_level takes it.
+_SOURCE = text(
+    "SELECT set_config('imgmig.source', 'service', true), "
+    "pg_logical_emit_message(true, 'imgmig.source', 'service')"
+)
 _PROJECTION = text("SELECT projection FROM imgmig.tenant_state WHERE tenant = :tenant")
 TABLE_STAGES = (Stage.TABLE, Stage.CONTRACTED)
 log = structlog.get_logger(__name__)
