@@ -19,6 +19,10 @@ Per tenant, holding the tenant's run lock (``cdc.locks``; a second run exits at 
    then, and a product edited since may now decide otherwise (writes only what changed);
 6. finish the run row with its exit code: 0 clean, 1 repaired, 2 drift left, 3 error.
 
+Before step 1, a reconcile runs the projector for deferred and logical tenants (after
+draining the capture slot, ``cdc.logical``): what they logged and have not applied yet
+is lag, not drift.
+
 ``verify`` is the same pass without the lock and without step 3.
 """
 
@@ -32,7 +36,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from cdc import label_heuristics, locks, runs
+from cdc import label_heuristics, locks, project, runs
 from cdc import stage as stage_mod
 from cdc import verify as verify_mod
 from cdc.db import Conn, connect
@@ -159,7 +163,18 @@ def run(
         names = _eligible(conn, tenants, do_repair=do_repair)
         if mode == "reconcile":
             locks.lock_all(conn, names, mode)
+        if do_repair:
+            _catch_up(conn, names)
         return [run_tenant(conn, t, mode=mode, do_repair=do_repair) for t in names]
+
+
+def _catch_up(conn: Conn, tenants: Sequence[str]) -> None:
+    """Before verifying: apply what deferred and logical tenants have logged but not
+    projected yet (that is lag, not drift), reading the capture slot first. The cron's
+    reconcile is what keeps a logical tenant's slot read."""
+    for state in stage_mod.get_all(conn, list(tenants)):
+        if state.projection != "inline":
+            project.project(conn, state.tenant)
 
 
 def _eligible(conn: Conn, tenants: Sequence[str] | None, *, do_repair: bool) -> list[str]:
