@@ -247,10 +247,11 @@ def _tune_for_tests(url: str) -> None:
 
 
 @contextlib.contextmanager
-def ephemeral_embedded(*, durable: bool = False) -> Iterator[Server]:
+def ephemeral_embedded(*, durable: bool = False, logical: bool = False) -> Iterator[Server]:
     """A fresh embedded server in a short temp dir, stopped and deleted at exit.
 
     Durability is off unless ``durable`` (benchmarks measure with PostgreSQL's defaults).
+    ``logical``: restarted at ``wal_level = logical`` (for logical capture).
     """
     kill_orphans()
     base = Path(tempfile.mkdtemp(prefix=TEST_DIR_PREFIX, dir="/tmp"))
@@ -258,6 +259,11 @@ def ephemeral_embedded(*, durable: bool = False) -> Iterator[Server]:
     server, handle = start_embedded(base / "d")
     if not durable:
         _tune_for_tests(server.url)
+    if logical:
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET wal_level = logical")
+        stop_embedded(handle)
+        server, handle = start_embedded(base / "d")
     try:
         yield server
     finally:
@@ -266,11 +272,14 @@ def ephemeral_embedded(*, durable: bool = False) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def provide(url: str | None = None, *, durable: bool = False) -> Iterator[Server]:
+def provide(
+    url: str | None = None, *, durable: bool = False, logical: bool = False
+) -> Iterator[Server]:
     """A server for tests and tools, picked in the documented order.
 
     ``durable``: keep the embedded server's fsync and synchronous commit on (benchmarks);
-    a server given by URL or a container is used as it is configured.
+    ``logical``: the embedded server at ``wal_level = logical``. A server given by URL or
+    a container is used as it is configured.
     """
     url = url or os.environ.get("DATABASE_URL")
     if url:
@@ -287,5 +296,5 @@ def provide(url: str | None = None, *, durable: bool = False) -> Iterator[Server
             with stack:
                 yield container
             return
-    with ephemeral_embedded(durable=durable) as server:
+    with ephemeral_embedded(durable=durable, logical=logical) as server:
         yield server
