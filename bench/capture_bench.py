@@ -17,6 +17,13 @@ One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
    The workload: ``--clients`` processes, each with its own connection, in autocommit,
    each statement a single-row legacy UPDATE of ``products.images`` on a random product:
    swap the first two images (a reorder), append an image, or drop the last one.
+   ``logical`` (dual_write, triggerless: cdc/logical.py) runs when the server is at
+   ``wal_level = logical``; the embedded server is started so with ``--logical``. Its
+   write path holds no trigger, so the WAL reader's pace is printed too: after each
+   logical slice, the time to drain that slice's writes from the slot into the event log
+   (outside the measured slice), as a rate and as a multiple of the writers' rate. The
+   slot is drained before the slice as well, untimed: the WAL the other modes wrote meanwhile
+   would otherwise be decoded in the timed drain.
 3. Print transactions per second per mode (total statements / total time) and the
    ratios to ``none``. The deferred projector runs afterwards and its time is printed.
 
@@ -58,7 +65,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from cdc import capture, migrate, project, server, stage
+from cdc import capture, logical, migrate, project, server, stage
 from cdc.seed import SeedConfig, seed
 
 TENANT = "user_1"
@@ -85,7 +92,7 @@ BENCH_FUNCTIONS = {
     "ref_min": sql.Identifier("bench", "ref_min"),
     "ref_naive": sql.Identifier("bench", "ref_naive"),
 }
-TARGETS = {"inline": 0.6, "deferred": 0.85, "deferred_pre": 0.85}
+TARGETS = {"inline": 0.6, "deferred": 0.85, "deferred_pre": 0.85, "logical": 0.85}
 
 # The reference triggers (bench only, in their own schema); one row trigger each.
 REFERENCE_SQL = """
@@ -209,6 +216,8 @@ def prepare(base_url: str, products: int) -> str:
         conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(TENANT, "products")))
         conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(TENANT, "product_images")))
         conn.execute(REFERENCE_SQL)
+        if logical.unavailable(conn) is None:
+            logical.prepare(conn)
         for before, name in ((True, "v3_before"), (False, "v3_after")):  # copies for --ab
             capture.install_log_function(conn, TENANT, before=before)
             conn.execute(
@@ -229,7 +238,21 @@ def set_mode(url: str, mode: str) -> None:
     with psycopg.connect(url) as conn:
         conn.execute(sql.SQL("DROP TRIGGER IF EXISTS bench_ref ON {}").format(products))
         deferred = mode.startswith("deferred")
-        project.set_mode(conn, TENANT, "deferred" if deferred else "inline")
+        if mode == "logical":
+            # Straight to the mode, past set_projection's check that the tenant's log is
+            # complete: the bench's own no-capture slices leave it incomplete on purpose.
+            # The stage change below runs the real apply_stage (publication, triggers).
+            conn.execute(
+                "UPDATE imgmig.tenant_state SET projection = 'logical' WHERE tenant = %s",
+                (TENANT,),
+            )
+            conn.commit()
+            # Untimed: read past the other modes' WAL, which a reader draining all along
+            # would have read as it came; the timed drain then reads this slice's only.
+            with psycopg.connect(url, autocommit=True) as reader:
+                logical.drain(reader)
+        else:
+            project.set_mode(conn, TENANT, "deferred" if deferred else "inline")
         target = "dual_write" if mode in TARGETS else "jsonb"
         stage.set_stage(conn, TENANT, target, reason="benchmark", actor="bench", force=True)
         if deferred:  # after a backfill (the log complete: updates log 'after'), or before
@@ -254,18 +277,29 @@ def main() -> None:
         action="store_true",
         help="compare the deferred trigger's versions instead (v2, v3 with/without before)",
     )
+    parser.add_argument(
+        "--logical",
+        action="store_true",
+        help="start the embedded server at wal_level=logical (adds the logical mode)",
+    )
     args = parser.parse_args()
     modes = AB_MODES if args.ab else MODES
-    with server.provide(os.environ.get("DATABASE_URL"), durable=True) as srv:
+    with server.provide(os.environ.get("DATABASE_URL"), durable=True, logical=args.logical) as srv:
         print(f"server: {srv.kind}; preparing {args.products} products ...", flush=True)
         url = prepare(srv.url, args.products)
         with psycopg.connect(url) as conn:
             version = conn.execute("SHOW server_version").fetchone()
             durability = conn.execute(
                 "SELECT string_agg(name || '=' || setting, ', ' ORDER BY name) "
-                "FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit')"
+                "FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'wal_level')"
             ).fetchone()
+            why_not = logical.unavailable(conn)
+        if not args.ab and why_not is None:
+            modes = (*modes, "logical")
+        elif not args.ab:
+            print(f"logical mode skipped: {why_not}", flush=True)
         done: dict[str, list[float]] = {mode: [] for mode in modes}
+        drains: list[tuple[float, float]] = []  # (writes drained per second, writers' rate)
         for turn in range(args.rounds):
             for mode in modes:
                 set_mode(url, mode)
@@ -273,6 +307,8 @@ def main() -> None:
                 rate = run_phase(url, clients=args.clients, seconds=slice_s, max_id=args.products)
                 done[mode].append(rate)
                 print(f"round {turn + 1} {mode:9s} {rate:9.0f} tx/s", flush=True)
+                if mode == "logical":
+                    drains.append((drain_pace(url), rate))
         started = time.monotonic()
         with psycopg.connect(url, autocommit=True) as conn:
             applied = project.project(conn, TENANT)
@@ -294,6 +330,23 @@ def main() -> None:
             )
             print(f"{mode:10s}  {tps[mode]:9.0f} tx/s  {ratio:5.2f}x  {verdict}")
         print(f"projector caught up {applied} products in {took:.1f} s")
+        if drains:
+            pace = sum(p for p, _ in drains) / len(drains)
+            writers = sum(r for _, r in drains) / len(drains)
+            print(
+                f"WAL reader: {pace:.0f} writes/s drained into the event log, "
+                f"{pace / writers:.1f}x the writers' {writers:.0f} tx/s"
+            )
+
+
+def drain_pace(url: str) -> float:
+    """Drain the slot (the logical slice's writes); returns writes logged per second."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        started = time.monotonic()
+        drained = logical.drain(conn)
+        pace = drained.transactions / (time.monotonic() - started)
+    print(f"        reader drained {drained.transactions} writes: {pace:.0f}/s", flush=True)
+    return pace
 
 
 if __name__ == "__main__":
