@@ -38,7 +38,7 @@ def project_cmd(
     with connect(url(), autocommit=True) as conn:
         names = tenants_mod.resolve(conn, None if all_tenants else tenant)
         if mode == "logical" and logical.prepare(conn):
-            out.print(f"created the capture slot {logical.SLOT} (pgoutput)")
+            out.print(f"created the capture slot {logical.slot_name(conn)} (pgoutput)")
         for name in names:
             if mode is not None:
                 # a tenant leaving logical mode drains the slot again inside the switch,
@@ -52,7 +52,7 @@ def project_cmd(
             wal = "" if behind.wal_bytes is None else f", slot {_size(behind.wal_bytes)} behind"
             out.print(f"{name}: {applied} products projected, {behind.pending} events pending{wal}")
         if mode is not None and mode != "logical" and logical.drop_slot_if_unused(conn):
-            out.print(f"dropped the capture slot {logical.SLOT}: no tenant uses it")
+            out.print(f"dropped the capture slot {logical.slot_name(conn)}: no tenant uses it")
 
 
 def _size(n: int) -> str:

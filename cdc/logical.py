@@ -2,7 +2,7 @@
 
 Projection mode ``logical`` is deferred mode without the trigger. A tenant's
 ``products (id, images)`` is in the publication ``imgmig_capture``; the database's one
-``pgoutput`` slot, ``imgmig_capture``, keeps the WAL of every committed write until
+``pgoutput`` slot (:func:`slot_name`) keeps the WAL of every committed write until
 :func:`drain` has turned it into the same ``image_events`` rows the deferred trigger
 would have written. Then the deferred projector applies them as usual
 (``cdc.project.project`` drains first). A legacy write pays for nothing but its WAL.
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -55,7 +56,6 @@ from cdc.errors import LogicalCaptureError
 
 log = structlog.get_logger(__name__)
 
-SLOT: Final = "imgmig_capture"
 PUBLICATION: Final = "imgmig_capture"
 SOURCE_PREFIX: Final = "imgmig.source"
 SOURCES: Final = frozenset({"legacy", "service", "backfill", "reconcile"})
@@ -113,6 +113,16 @@ class SlotLag:
 # --- availability and set-up -----------------------------------------------------------
 
 
+def slot_name(conn: Conn) -> str:
+    """The database's capture slot: ``imgmig_<database>_<hash>``. Slot names are
+    cluster-wide, publications per database; the hash keeps two databases whose names
+    differ only in characters a slot name cannot hold apart."""
+    database = conn.info.dbname
+    readable = re.sub(r"[^a-z0-9_]", "_", database.lower())[:40]
+    digest = hashlib.md5(database.encode(), usedforsecurity=False).hexdigest()[:8]
+    return f"imgmig_{readable}_{digest}"
+
+
 def unavailable(conn: Conn) -> str | None:
     """Why logical capture cannot run on this server, or None."""
     row = conn.execute(
@@ -131,7 +141,7 @@ def unavailable(conn: Conn) -> str | None:
 def slot_exists(conn: Conn) -> bool:
     row = conn.execute(
         "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()",
-        (SLOT,),
+        (slot_name(conn),),
     ).fetchone()
     return row is not None
 
@@ -159,9 +169,9 @@ def prepare(conn: Conn) -> bool:
             )
     if slot_exists(conn):
         return False
-    conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (SLOT,))
-    conn.execute("DELETE FROM imgmig.logical_checkpoint WHERE slot = %s", (SLOT,))
-    log.info("logical capture slot created", slot=SLOT, publication=PUBLICATION)
+    conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot_name(conn),))
+    conn.execute("DELETE FROM imgmig.logical_checkpoint WHERE slot = %s", (slot_name(conn),))
+    log.info("logical capture slot created", slot=slot_name(conn), publication=PUBLICATION)
     return True
 
 
@@ -219,9 +229,9 @@ def drop_slot_if_unused(conn: Conn) -> bool:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (DRAIN_LOCK,))
         if published(conn) or not slot_exists(conn):  # a tenant joined meanwhile
             return False
-        conn.execute("SELECT pg_drop_replication_slot(%s)", (SLOT,))
-        conn.execute("DELETE FROM imgmig.logical_checkpoint WHERE slot = %s", (SLOT,))
-    log.info("logical capture slot dropped: no tenant uses it", slot=SLOT)
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot_name(conn),))
+        conn.execute("DELETE FROM imgmig.logical_checkpoint WHERE slot = %s", (slot_name(conn),))
+    log.info("logical capture slot dropped: no tenant uses it", slot=slot_name(conn))
     return True
 
 
@@ -260,7 +270,7 @@ def lag(conn: Conn) -> SlotLag | None:
     row = conn.execute(
         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status "
         "FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()",
-        (SLOT,),
+        (slot_name(conn),),
     ).fetchone()
     if row is None:
         return None
@@ -314,7 +324,7 @@ def _row_change(rel: pgoutput.Relation, msg: pgoutput.Change) -> RowChange | Non
 
 def _checkpoint(conn: Conn) -> int:
     row = conn.execute(
-        "SELECT lsn::text FROM imgmig.logical_checkpoint WHERE slot = %s", (SLOT,)
+        "SELECT lsn::text FROM imgmig.logical_checkpoint WHERE slot = %s", (slot_name(conn),)
     ).fetchone()
     return pgoutput.lsn_int(str(row[0])) if row is not None else 0
 
@@ -337,7 +347,7 @@ def drain(conn: Conn, *, chunk: int = CHUNK) -> Drained:
         return Drained(0, 0, 0, None)
     if lost:
         raise LogicalCaptureError(
-            reason=f"the slot {SLOT} lost WAL it had not read (max_slot_wal_keep_size): "
+            reason=f"the slot {slot_name(conn)} lost WAL it had not read (max_slot_wal_keep_size): "
             "writes since its last drain were not captured; switch its tenants to deferred "
             "(`imgmig project --mode deferred`) and run `imgmig reconcile` to repair"
         )
@@ -353,7 +363,7 @@ def drain(conn: Conn, *, chunk: int = CHUNK) -> Drained:
             end = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
             upto = pgoutput.lsn_int(str(end[0])) if end else 0
             limit = None if inside else chunk
-            rows = conn.execute(_PEEK, (SLOT, limit, PUBLICATION)).fetchall()
+            rows = conn.execute(_PEEK, (slot_name(conn), limit, PUBLICATION)).fetchall()
             txns = list(transactions(bytes(r[0]) for r in rows))
             fresh = [t for t in txns if t.end_lsn > done]
             events, same = _log(conn, fresh)
@@ -364,7 +374,7 @@ def drain(conn: Conn, *, chunk: int = CHUNK) -> Drained:
                 "INSERT INTO imgmig.logical_checkpoint (slot, lsn, drained_at) "
                 "VALUES (%s, %s::pg_lsn, now()) ON CONFLICT (slot) DO UPDATE "
                 "SET lsn = greatest(logical_checkpoint.lsn, excluded.lsn), drained_at = now()",
-                (SLOT, pgoutput.lsn_text(reached)),
+                (slot_name(conn), pgoutput.lsn_text(reached)),
             )
         total_txns += sum(1 for t in fresh if t.changes)
         total_events += events
@@ -375,7 +385,7 @@ def drain(conn: Conn, *, chunk: int = CHUNK) -> Drained:
         with conn.transaction():
             conn.execute(
                 "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
-                (SLOT, pgoutput.lsn_text(reached)),
+                (slot_name(conn), pgoutput.lsn_text(reached)),
             )
         if not full:
             break
