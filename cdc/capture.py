@@ -205,6 +205,14 @@ def apply_stage(conn: Conn, tenant: str, stage: str) -> None:
     Which capture shape is installed follows ``imgmig.tenant_state.projection``.
     """
     projection = projection_of(conn, tenant)
+    if projection == "logical" and stage == "jsonb":
+        # Back at jsonb the log is incomplete; logical events carry no 'before', so the
+        # tenant comes forward deferred (logical again once a new backfill is done).
+        conn.execute(
+            "UPDATE imgmig.tenant_state SET projection = 'deferred' WHERE tenant = %s", (tenant,)
+        )
+        log.warning("back at stage jsonb: logical capture ends, now deferred", tenant=tenant)
+        projection = "deferred"
     if projection == "logical" and stage == "table":
         raise LogicalCaptureError(
             tenant=tenant,

@@ -37,22 +37,17 @@ def project_cmd(
         )
     with connect(url(), autocommit=True) as conn:
         names = tenants_mod.resolve(conn, None if all_tenants else tenant)
-        if mode == "logical" and logical.prepare(conn):
-            out.print(f"created the capture slot {logical.slot_name(conn)} (pgoutput)")
+        had_slot = logical.slot_exists(conn)
         for name in names:
             if mode is not None:
-                # a tenant leaving logical mode drains the slot again inside the switch,
-                # under products' lock: drain the backlog now, so that one is short
-                if not logical.slot_lost(conn):
-                    logical.drain(conn)
-                with conn.transaction():
-                    project.set_mode(conn, name, mode)
+                project.switch(conn, name, mode)
             applied = project.project(conn, name)
             behind = project.lag(conn, name)
             wal = "" if behind.wal_bytes is None else f", slot {_size(behind.wal_bytes)} behind"
             out.print(f"{name}: {applied} products projected, {behind.pending} events pending{wal}")
-        if mode is not None and mode != "logical" and logical.drop_slot_if_unused(conn):
-            out.print(f"dropped the capture slot {logical.slot_name(conn)}: no tenant uses it")
+        if had_slot != logical.slot_exists(conn):
+            done = "created" if not had_slot else "dropped (no tenant uses it)"
+            out.print(f"capture slot {logical.slot_name(conn)} {done}")
 
 
 def _size(n: int) -> str:

@@ -18,7 +18,17 @@ from enum import StrEnum
 import structlog
 from psycopg import sql
 
-from cdc import backfill, contract, cutover, label_heuristics, labels, migrate, reconcile
+from cdc import (
+    backfill,
+    capture,
+    contract,
+    cutover,
+    label_heuristics,
+    labels,
+    migrate,
+    project,
+    reconcile,
+)
 from cdc import stage as stage_mod
 from cdc.backfill import BackfillConfig, Progress
 from cdc.db import Conn, connect
@@ -185,9 +195,19 @@ class _Runner:
 
     def _stage(self, tenant: str, target: Stage, *, force_why: str | None = None) -> None:
         reason = f"{self.options.reason}: {force_why}" if force_why else self.options.reason
+        if target is Stage.TABLE:
+            self._leave_logical(tenant)
         with connect(self.url) as conn:
             cutover.change_stage(conn, tenant, target, reason=reason, force=force_why is not None)
             conn.commit()
+
+    def _leave_logical(self, tenant: str) -> None:
+        """Logical capture cannot follow a tenant into stage table (cdc.capture says
+        why): a logical tenant goes deferred first, the closest mode that can."""
+        with connect(self.url, autocommit=True) as conn:
+            if capture.projection_of(conn, tenant) == "logical":
+                project.switch(conn, tenant, "deferred")
+                log.info("logical capture ends before stage table: now deferred", tenant=tenant)
 
     def _refresh_labels(self, tenant: str) -> None:
         """Before the table is served: label decisions re-derived on today's images."""

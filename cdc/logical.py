@@ -268,7 +268,8 @@ def slot_lost(conn: Conn) -> bool:
 def lag(conn: Conn) -> SlotLag | None:
     """How much WAL the slot has not confirmed yet; None without a slot."""
     row = conn.execute(
-        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status "
+        "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), confirmed_flush_lsn)::bigint, "
+        "wal_status "
         "FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()",
         (slot_name(conn),),
     ).fetchone()

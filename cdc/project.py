@@ -60,6 +60,23 @@ def lag(conn: Conn, tenant: str) -> Lag:
     return Lag(tenant=tenant, pending=int(row[0]), oldest=row[1], wal_bytes=wal)
 
 
+def switch(conn: Conn, tenant: str, mode: str) -> None:
+    """Switch ``tenant``'s projection with what goes around it; outside a transaction.
+
+    To logical: the publication and the slot first (``cdc.logical.prepare``). Away from
+    it: the slot drained first, so that the drain the switch repeats under ``products``'
+    trigger lock is short; then the slot dropped if no tenant uses it any more.
+    """
+    if mode == "logical":
+        logical.prepare(conn)
+    elif not logical.slot_lost(conn):
+        logical.drain(conn)
+    with conn.transaction():
+        set_mode(conn, tenant, mode)
+    if mode != "logical":
+        logical.drop_slot_if_unused(conn)
+
+
 def set_mode(conn: Conn, tenant: str, mode: str) -> None:
     """Switch ``tenant`` between 'inline', 'deferred' and 'logical' (caller's transaction).
 

@@ -19,8 +19,19 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from cdc import backfill, capture, logical, migrate, pgoutput, project, reconcile, runs, server
-from cdc.errors import LogicalCaptureError
+from cdc import (
+    backfill,
+    capture,
+    deploy,
+    logical,
+    migrate,
+    pgoutput,
+    project,
+    reconcile,
+    runs,
+    server,
+)
+from cdc.errors import DeployStoppedError, LogicalCaptureError
 from cdc.progress import Silent
 from cdc.seed import SeedConfig, seed
 from tests.backfill_helpers import exact_mismatches, scalar
@@ -87,15 +98,6 @@ def lconn(lurl: str) -> Iterator[Conn]:
         yield c
 
 
-def switch(conn: Conn, mode: str, tenant: str = TENANT) -> None:
-    if mode == "logical":
-        logical.prepare(conn)
-    with conn.transaction():
-        project.set_mode(conn, tenant, mode)
-    if mode != "logical":
-        logical.drop_slot_if_unused(conn)
-
-
 def log_size(conn: Conn) -> int:
     row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table(TENANT, "image_events")))
     one = row.fetchone()
@@ -122,7 +124,7 @@ def test_writes_reach_the_log_through_the_wal_not_a_trigger(lconn: Conn, lurl: s
         timeout=120,
         check=True,
     )
-    assert f"created the capture slot {logical.slot_name(lconn)}" in done.stdout
+    assert f"capture slot {logical.slot_name(lconn)} created" in done.stdout
     assert capture.installed_triggers(lconn, TENANT) == set()  # nothing on the write path
     assert logical.published(lconn) == {TENANT}
 
@@ -185,7 +187,7 @@ def test_writes_reach_the_log_through_the_wal_not_a_trigger(lconn: Conn, lurl: s
 def test_a_drain_cut_short_after_its_commit_logs_nothing_twice(lconn: Conn) -> None:
     """The crash window: events and checkpoint committed, slot not advanced yet. The
     next drain re-reads those transactions from the slot and skips them."""
-    switch(lconn, "logical")
+    project.switch(lconn, TENANT, "logical")
     pid = new_product(lconn, [img(A, 0)])
     write_images(lconn, pid, [img(B, 0)])
     with lconn.transaction():  # inside a transaction a drain never advances the slot
@@ -278,7 +280,7 @@ def test_every_write_is_logged_once_and_in_order_across_mode_switches(
 def test_the_reconcile_cron_reads_the_slot_and_finds_no_drift(lconn: Conn, lurl: str) -> None:
     """Writes not drained yet are lag, not drift: reconcile drains and projects them
     first, so a clean tenant exits 0, and the slot is read up to now."""
-    switch(lconn, "logical")
+    project.switch(lconn, TENANT, "logical")
     pid = new_product(lconn, [img(A, 0)])
     write_images(lconn, pid, [img(B, 0), img(A, 1)])
     (outcome,) = reconcile.run(lurl, [TENANT])
@@ -296,7 +298,7 @@ def test_a_lost_slot_stops_the_drain_and_the_way_back_still_works(
     """The server invalidates a slot that keeps more WAL than max_slot_wal_keep_size.
     Draining then refuses and says what to do; switching back to deferred still works
     (with a warning), drops the slot, and reconcile repairs what was never logged."""
-    switch(lconn, "logical")
+    project.switch(lconn, TENANT, "logical")
     pid = new_product(lconn, [img(A, 0)])
     write_images(lconn, pid, [img(B, 0)])  # never drained: the slot will lose it
     with psycopg.connect(logical_server, autocommit=True) as admin:
@@ -314,13 +316,46 @@ def test_a_lost_slot_stops_the_drain_and_the_way_back_still_works(
             admin.execute("SELECT pg_reload_conf()")
     with pytest.raises(LogicalCaptureError, match="lost WAL"):
         project.project(lconn, TENANT)
-    switch(lconn, "deferred")
+    project.switch(lconn, TENANT, "deferred")
     assert capture.projection_of(lconn, TENANT) == "deferred"
     assert not logical.slot_exists(lconn)
     (outcome,) = reconcile.run(lurl, [TENANT])
     assert outcome.exit_code == runs.REPAIRED
     assert in_sync(lconn, pid)
     assert events_of(lconn, pid)[-1][1]["after"] == [img(B, 0)]  # logged by reconcile
+
+
+def test_deploy_takes_a_logical_tenant_to_table_by_way_of_deferred(lconn: Conn, lurl: str) -> None:
+    """Stage table refuses a logical tenant; the deploy sequence switches it to deferred
+    before that step, drops the unused slot, and the tenant arrives exact."""
+    project.switch(lconn, TENANT, "logical")
+    pid = new_product(lconn, [img(A, 0)])
+    options = deploy.DeployOptions(shadow_wait_s=0.1, contract_min_table_age_s=0)
+    with pytest.raises(DeployStoppedError, match="shadow"):
+        deploy.run(lurl, [TENANT], options)
+    lconn.execute("UPDATE imgmig.shadow_stats SET reads = reads + 10")  # the shadow traffic
+    with pytest.raises(DeployStoppedError, match="confirm-contract"):  # table reached
+        deploy.run(lurl, [TENANT], options)
+    assert scalar(lconn, sql.SQL("SELECT stage FROM imgmig.tenant_state")) == "table"
+    assert capture.projection_of(lconn, TENANT) == "deferred"
+    assert not logical.slot_exists(lconn)
+    assert [kind for kind, _, _ in events_of(lconn, pid)][:1] == ["images.inserted"]
+    assert in_sync(lconn, pid)
+
+
+def test_back_at_jsonb_a_logical_tenant_comes_forward_deferred(lconn: Conn) -> None:
+    """Going back to jsonb leaves the log incomplete: the tenant returns deferred, whose
+    events keep 'before', until a new backfill allows logical again."""
+    project.switch(lconn, TENANT, "logical")
+    with lconn.transaction():
+        go(lconn, "jsonb")
+    assert capture.projection_of(lconn, TENANT) == "deferred"
+    assert logical.published(lconn) == set()
+    with lconn.transaction():
+        go(lconn, "dual_write")
+    assert capture.installed_triggers(lconn, TENANT) == {s.name for s in capture.LOG_ONLY}
+    with pytest.raises(LogicalCaptureError, match="not complete"):
+        project.switch(lconn, TENANT, "logical")
 
 
 def test_refusals_say_why(conn: Conn, lconn: Conn) -> None:
@@ -337,7 +372,7 @@ def test_refusals_say_why(conn: Conn, lconn: Conn) -> None:
     with pytest.raises(LogicalCaptureError, match="not complete"), lconn.transaction():
         project.set_mode(lconn, TENANT, "logical")
     lconn.execute("UPDATE imgmig.backfill_state SET status = 'done' WHERE tenant = %s", (TENANT,))
-    switch(lconn, "logical")
+    project.switch(lconn, TENANT, "logical")
     # stage table needs the reverse sync's writes told apart from the legacy app's
     with pytest.raises(LogicalCaptureError, match="reverse sync"), lconn.transaction():
         go(lconn, "table")
