@@ -63,6 +63,8 @@ SOURCES: Final = frozenset({"legacy", "service", "backfill", "reconcile"})
 #: Measured (scratch, 41,000 writes): 5,000 drained 9,000 writes/s, 20,000 11,500/s.
 CHUNK: Final = 20_000
 DRAIN_LOCK: Final = "imgmig.logical.drain"
+#: How long creating the slot may wait for the transactions running at that moment.
+SLOT_WAIT_S: Final = 60
 _PEEK: Final = (
     "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
     "'proto_version', '1', 'publication_names', %s, 'messages', 'true')"
@@ -146,12 +148,13 @@ def slot_exists(conn: Conn) -> bool:
     return row is not None
 
 
-def prepare(conn: Conn) -> bool:
+def prepare(conn: Conn, *, wait_s: int = SLOT_WAIT_S) -> bool:
     """Create the publication and the slot if missing; True when the slot was created.
 
     ``conn`` must be in autocommit mode, outside a transaction: a slot cannot be created
     in a transaction that has written. The publication comes first: a slot decodes
-    nothing written before a publication it names existed.
+    nothing written before a publication it names existed. Creating the slot waits for
+    the transactions running at that moment to end, ``wait_s`` at most.
     """
     if not conn.autocommit or _in_transaction(conn):
         raise ValueError("logical.prepare needs an autocommit connection, outside a transaction")
@@ -169,7 +172,25 @@ def prepare(conn: Conn) -> bool:
             )
     if slot_exists(conn):
         return False
-    conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot_name(conn),))
+    # A new slot waits for every transaction running now to end: bounded, and named.
+    conn.execute(sql.SQL("SET statement_timeout = {}").format(f"{wait_s * 1000}ms"))
+    try:
+        conn.execute(
+            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot_name(conn),)
+        )
+    except psycopg.errors.QueryCanceled as exc:
+        oldest = conn.execute(
+            "SELECT pid, now() - xact_start FROM pg_stat_activity "
+            "WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() "
+            "ORDER BY xact_start LIMIT 1"
+        ).fetchone()
+        who = f"pid {oldest[0]}, open for {oldest[1]}" if oldest else "gone by now"
+        raise LogicalCaptureError(
+            reason=f"creating the slot waits for every running transaction to end; one "
+            f"did not within {wait_s} s ({who}); retry when it has"
+        ) from exc
+    finally:
+        conn.execute("RESET statement_timeout")
     conn.execute("DELETE FROM imgmig.logical_checkpoint WHERE slot = %s", (slot_name(conn),))
     log.info("logical capture slot created", slot=slot_name(conn), publication=PUBLICATION)
     return True

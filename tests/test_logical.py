@@ -358,6 +358,19 @@ def test_back_at_jsonb_a_logical_tenant_comes_forward_deferred(lconn: Conn) -> N
         project.switch(lconn, TENANT, "logical")
 
 
+def test_a_long_transaction_delays_the_slot_with_a_named_error(lurl: str, lconn: Conn) -> None:
+    """A new slot waits for the transactions running when it is made; one that does not
+    end in time is named, and nothing is left half made."""
+    with psycopg.connect(lurl) as other:
+        other.execute("SELECT pg_current_xact_id()")  # an open transaction with an id
+        pid = other.info.backend_pid
+        with pytest.raises(LogicalCaptureError, match=f"pid {pid}, open for"):
+            logical.prepare(lconn, wait_s=1)
+        assert not logical.slot_exists(lconn)
+    assert logical.prepare(lconn, wait_s=5)
+    assert logical.slot_exists(lconn)
+
+
 def test_refusals_say_why(conn: Conn, lconn: Conn) -> None:
     # the shared test server (embedded, or the PostgreSQL 15 service) runs at 'replica';
     # its tenant has no backfill either, which is the reason a logical server would give
