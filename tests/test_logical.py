@@ -38,6 +38,7 @@ from tests.backfill_helpers import exact_mismatches, scalar
 from tests.capture_support import (
     TENANT,
     Conn,
+    count,
     events_of,
     go,
     img,
@@ -96,13 +97,6 @@ def lurl(logical_server: str) -> Iterator[str]:
 def lconn(lurl: str) -> Iterator[Conn]:
     with psycopg.connect(lurl, autocommit=True) as c:
         yield c
-
-
-def log_size(conn: Conn) -> int:
-    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table(TENANT, "image_events")))
-    one = row.fetchone()
-    assert one is not None
-    return int(one[0])
 
 
 def test_writes_reach_the_log_through_the_wal_not_a_trigger(lconn: Conn, lurl: str) -> None:
@@ -193,10 +187,10 @@ def test_a_drain_cut_short_after_its_commit_logs_nothing_twice(lconn: Conn) -> N
     with lconn.transaction():  # inside a transaction a drain never advances the slot
         first = logical.drain(lconn)
     assert first.transactions == 2
-    before = log_size(lconn)
+    before = count(lconn, TENANT, "image_events")
     again = logical.drain(lconn)
     assert again.transactions == 0
-    assert log_size(lconn) == before
+    assert count(lconn, TENANT, "image_events") == before
     assert len(events_of(lconn, pid)) == 2
     slot = logical.lag(lconn)
     assert slot is not None
