@@ -23,7 +23,9 @@ One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
    logical slice, the time to drain that slice's writes from the slot into the event log
    (outside the measured slice), as a rate and as a multiple of the writers' rate. The
    slot is drained before the slice as well, untimed: the WAL the other modes wrote meanwhile
-   would otherwise be decoded in the timed drain.
+   would otherwise be decoded in the timed drain. ``logical_live`` is the same mode with a
+   reader draining every half second *during* the slice, on the same cores as the
+   writers, as in production; it prints how much WAL was left unread when the slice ended.
 3. Print transactions per second per mode (total statements / total time) and the
    ratios to ``none``. The deferred projector runs afterwards and its time is printed.
 
@@ -92,7 +94,13 @@ BENCH_FUNCTIONS = {
     "ref_min": sql.Identifier("bench", "ref_min"),
     "ref_naive": sql.Identifier("bench", "ref_naive"),
 }
-TARGETS = {"inline": 0.6, "deferred": 0.85, "deferred_pre": 0.85, "logical": 0.85}
+TARGETS = {
+    "inline": 0.6,
+    "deferred": 0.85,
+    "deferred_pre": 0.85,
+    "logical": 0.85,
+    "logical_live": 0.85,
+}
 
 # The reference triggers (bench only, in their own schema); one row trigger each.
 REFERENCE_SQL = """
@@ -238,7 +246,7 @@ def set_mode(url: str, mode: str) -> None:
     with psycopg.connect(url) as conn:
         conn.execute(sql.SQL("DROP TRIGGER IF EXISTS bench_ref ON {}").format(products))
         deferred = mode.startswith("deferred")
-        if mode == "logical":
+        if mode.startswith("logical"):
             # Straight to the mode, past set_projection's check that the tenant's log is
             # complete: the bench's own no-capture slices leave it incomplete on purpose.
             # The stage change below runs the real apply_stage (publication, triggers).
@@ -295,20 +303,24 @@ def main() -> None:
             ).fetchone()
             why_not = logical.unavailable(conn)
         if not args.ab and why_not is None:
-            modes = (*modes, "logical")
+            modes = (*modes, "logical", "logical_live")
         elif not args.ab:
             print(f"logical mode skipped: {why_not}", flush=True)
         done: dict[str, list[float]] = {mode: [] for mode in modes}
         drains: list[tuple[float, float]] = []  # (writes drained per second, writers' rate)
+        behind: list[int] = []  # logical_live: bytes the live reader had left at the end
         for turn in range(args.rounds):
             for mode in modes:
                 set_mode(url, mode)
                 slice_s = args.seconds / args.rounds
+                reader = live_reader(url, slice_s) if mode == "logical_live" else None
                 rate = run_phase(url, clients=args.clients, seconds=slice_s, max_id=args.products)
                 done[mode].append(rate)
                 print(f"round {turn + 1} {mode:9s} {rate:9.0f} tx/s", flush=True)
                 if mode == "logical":
                     drains.append((drain_pace(url), rate))
+                if reader is not None:
+                    behind.append(reader_behind(url, reader))
         started = time.monotonic()
         with psycopg.connect(url, autocommit=True) as conn:
             applied = project.project(conn, TENANT)
@@ -330,13 +342,49 @@ def main() -> None:
             )
             print(f"{mode:10s}  {tps[mode]:9.0f} tx/s  {ratio:5.2f}x  {verdict}")
         print(f"projector caught up {applied} products in {took:.1f} s")
-        if drains:
-            pace = sum(p for p, _ in drains) / len(drains)
-            writers = sum(r for _, r in drains) / len(drains)
-            print(
-                f"WAL reader: {pace:.0f} writes/s drained into the event log, "
-                f"{pace / writers:.1f}x the writers' {writers:.0f} tx/s"
-            )
+        print_readers(drains, behind)
+
+
+def print_readers(drains: list[tuple[float, float]], behind: list[int]) -> None:
+    """The WAL reader's figures: its pace alone, and what the live reader left unread."""
+    if drains:
+        pace = sum(p for p, _ in drains) / len(drains)
+        writers = sum(r for _, r in drains) / len(drains)
+        print(
+            f"WAL reader: {pace:.0f} writes/s drained into the event log, "
+            f"{pace / writers:.1f}x the writers' {writers:.0f} tx/s"
+        )
+    if behind:
+        print(
+            f"live reader: at most {max(behind) / 2**20:.1f} MiB of WAL left unread at the "
+            "end of a slice"
+        )
+
+
+def _read_until(url: str, deadline: float) -> None:
+    """The live reader: drain the slot every half second until ``deadline``."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            logical.drain(conn)
+            time.sleep(0.5)
+
+
+def live_reader(url: str, seconds: float) -> mp.Process:
+    """Start a reader draining beside the writers for ``seconds``."""
+    proc = mp.Process(target=_read_until, args=(url, time.monotonic() + seconds))
+    proc.start()
+    return proc
+
+
+def reader_behind(url: str, reader: mp.Process) -> int:
+    """Stop the live reader; print and return how much WAL it had left to read."""
+    reader.join()
+    with psycopg.connect(url, autocommit=True) as conn:
+        lag = logical.lag(conn)
+        left = lag.bytes if lag is not None else 0
+        drained = logical.drain(conn)  # what it had left, untimed
+    print(f"        live reader left {left / 2**20:.1f} MiB, {drained.transactions} writes")
+    return left
 
 
 def drain_pace(url: str) -> float:
