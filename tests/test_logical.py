@@ -387,6 +387,21 @@ def test_refusals_say_why(conn: Conn, lconn: Conn) -> None:
     assert logical.published(lconn) == {TENANT}
 
 
+def test_a_role_without_replication_is_told_so(lurl: str, lconn: Conn) -> None:
+    """At wal_level=logical a plain role still cannot read a slot: the reason names the
+    attribute it lacks."""
+    lconn.execute("DROP ROLE IF EXISTS imgmig_plain")
+    lconn.execute("CREATE ROLE imgmig_plain LOGIN")
+    try:
+        with psycopg.connect(lurl, user="imgmig_plain", autocommit=True) as plain:
+            why = logical.unavailable(plain)
+        assert why is not None
+        assert "REPLICATION" in why
+        assert logical.unavailable(lconn) is None  # the superuser may
+    finally:
+        lconn.execute("DROP ROLE imgmig_plain")
+
+
 def test_truncated_messages_are_a_protocol_error() -> None:
     for data in (b"B\x00\x00", b"I\x00\x00\x00\x01N\x00\x01t\x00\x00\x00\x09ab", b"R\x00\x00"):
         with pytest.raises(pgoutput.ProtocolError):
