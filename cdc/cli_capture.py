@@ -38,10 +38,12 @@ def project_cmd(
     with connect(url(), autocommit=True) as conn:
         names = tenants_mod.resolve(conn, None if all_tenants else tenant)
         had_slot = logical.slot_exists(conn)
-        for name in names:
-            if mode is not None:
+        if mode is not None:
+            for name in names:
                 project.switch(conn, name, mode)
-            applied = project.project(conn, name)
+        logical.drain(conn)  # once: the slot holds every logical tenant's writes
+        for name in names:
+            applied = project.project(conn, name, drain=False)
             behind = project.lag(conn, name)
             wal = "" if behind.wal_bytes is None else f", slot {_size(behind.wal_bytes)} behind"
             out.print(f"{name}: {applied} products projected, {behind.pending} events pending{wal}")

@@ -32,13 +32,15 @@ class Lag:
     wal_bytes: int | None = None
 
 
-def project(conn: Conn, tenant: str) -> int:
+def project(conn: Conn, tenant: str, *, drain: bool = True) -> int:
     """One projector run for ``tenant`` in its own transaction; returns products applied.
 
     The capture slot is drained first, if the database has one (every logical tenant's
-    writes, not only this one's: they share the slot).
+    writes, not only this one's: they share the slot). A caller projecting many tenants
+    in a row drains once and passes ``drain=False``.
     """
-    logical.drain(conn)
+    if drain:
+        logical.drain(conn)
     with conn.transaction():
         row = conn.execute("SELECT imgmig.project_pending(%s)", (tenant,)).fetchone()
     count = int(row[0]) if row is not None else 0

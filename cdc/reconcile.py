@@ -36,7 +36,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from cdc import label_heuristics, locks, project, runs
+from cdc import label_heuristics, locks, logical, project, runs
 from cdc import stage as stage_mod
 from cdc import verify as verify_mod
 from cdc.db import Conn, connect
@@ -172,9 +172,11 @@ def _catch_up(conn: Conn, tenants: Sequence[str]) -> None:
     """Before verifying: apply what deferred and logical tenants have logged but not
     projected yet (that is lag, not drift), reading the capture slot first. The cron's
     reconcile is what keeps a logical tenant's slot read."""
-    for state in stage_mod.get_all(conn, list(tenants)):
-        if state.projection != "inline":
-            project.project(conn, state.tenant)
+    behind = [s.tenant for s in stage_mod.get_all(conn, list(tenants)) if s.projection != "inline"]
+    if behind:
+        logical.drain(conn)  # once: the slot holds every logical tenant's writes
+    for tenant in behind:
+        project.project(conn, tenant, drain=False)
 
 
 def _eligible(conn: Conn, tenants: Sequence[str] | None, *, do_repair: bool) -> list[str]:
