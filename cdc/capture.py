@@ -23,6 +23,7 @@ reader (``cdc.logical``) writes the events the deferred trigger would have writt
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from importlib import resources
 from typing import Final
@@ -46,11 +47,14 @@ CURRENT_SQL: Final = (
     "capture_v3.sql",
     "mapping_v3.sql",
     "capture_v4.sql",
+    "capture_v5.sql",
 )
 
 INSTALL_LOCK: Final = "imgmig.capture.install"
 #: The deferred-mode trigger function, one per tenant (capture_v3.sql says why).
 LOG_FUNCTION: Final = "imgmig_log_products_row"
+#: The inline-mode trigger function, one per tenant (capture_v5.sql says why).
+CAPTURE_FUNCTION: Final = "imgmig_capture_products_row"
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,8 @@ class TriggerSpec:
     """One AFTER trigger: statement-level with transition tables, or row-level.
 
     ``per_tenant``: the function lives in the tenant's schema (written for it by
-    ``imgmig.install_log_function``), not in ``imgmig``.
+    ``imgmig.install_log_function`` or ``imgmig.install_capture_function``), not in
+    ``imgmig``.
     """
 
     name: str
@@ -107,8 +112,22 @@ _ROW_HOW: Final = {
 _EVENTS: Final = (("ins", "INSERT"), ("upd", "UPDATE"), ("del", "DELETE"))
 
 CAPTURE: Final = tuple(
-    TriggerSpec(f"imgmig_capture_{short}", "products", event, "capture_products")
+    TriggerSpec(
+        f"imgmig_capture_{short}",
+        "products",
+        event,
+        CAPTURE_FUNCTION,
+        row_level=True,
+        per_tenant=True,
+    )
     for short, event in _EVENTS
+)
+#: v2's inline triggers: the same names, statement-level, on the shared
+#: ``imgmig.capture_products()``. A database whose SQL predates capture v5 (a tenant taken
+#: back below revision 0007_inline_v5) captures inline with these.
+CAPTURE_V2: Final = tuple(
+    dataclasses.replace(spec, function="capture_products", per_tenant=False, row_level=False)
+    for spec in CAPTURE
 )
 LOG_ONLY: Final = tuple(
     TriggerSpec(
@@ -134,19 +153,30 @@ PROJECTIONS: Final = ("inline", "deferred", "logical")
 PUBLISHED_STAGES: Final = ("dual_write", "shadow_read")
 
 
-def triggers_for(stage: str, projection: str) -> tuple[TriggerSpec, ...]:
+def triggers_for(
+    stage: str, projection: str, *, inline: tuple[TriggerSpec, ...] = CAPTURE
+) -> tuple[TriggerSpec, ...]:
     """The triggers a tenant at ``stage`` with ``projection`` needs (see PROJECTIONS).
 
     A logical tenant needs none on products: the WAL reader captures (cdc.logical).
+    ``inline``: the inline capture triggers the database's SQL provides (``inline_triggers``).
     """
     if stage not in STAGES:
         raise InvalidStageError(stage=stage)
-    capture = {"deferred": LOG_ONLY, "logical": ()}.get(projection, CAPTURE)
+    capture = {"deferred": LOG_ONLY, "logical": ()}.get(projection, inline)
     if stage in ("dual_write", "shadow_read"):
         return capture
     if stage == "table":
         return capture + REVERSE
     return ()
+
+
+def inline_triggers(conn: Conn) -> tuple[TriggerSpec, ...]:
+    """CAPTURE, or CAPTURE_V2 where the database's SQL predates capture v5."""
+    row = conn.execute(
+        "SELECT to_regprocedure('imgmig.install_capture_function(text, boolean)') IS NOT NULL"
+    ).fetchone()
+    return CAPTURE if row is not None and row[0] else CAPTURE_V2
 
 
 def sql_text(name: str) -> str:
@@ -174,15 +204,33 @@ def install_log_function(conn: Conn, tenant: str, *, before: bool | None = None)
     tenant's log is complete (``checkpoint.log_complete``): before that, an update's
     ``before`` is the only copy of what the product held when capture began.
     """
+    _install_function(conn, tenant, LOG_FUNCTION, before)
+
+
+def install_capture_function(conn: Conn, tenant: str, *, before: bool | None = None) -> None:
+    """Write ``tenant``'s inline-mode trigger function; ``before`` as for the log function."""
+    _install_function(conn, tenant, CAPTURE_FUNCTION, before)
+
+
+_INSTALLERS: Final = {
+    LOG_FUNCTION: sql.SQL("SELECT imgmig.install_log_function(%s, %s)"),
+    CAPTURE_FUNCTION: sql.SQL("SELECT imgmig.install_capture_function(%s, %s)"),
+}
+
+
+def _install_function(conn: Conn, tenant: str, function: str, before: bool | None) -> None:
     if before is None:
         before = not checkpoint.log_complete(conn, tenant)
-    conn.execute("SELECT imgmig.install_log_function(%s, %s)", (tenant, before))
+    conn.execute(_INSTALLERS[function], (tenant, before))
 
 
 def refresh_log_function(conn: Conn, tenant: str) -> None:
-    """Rewrite ``tenant``'s log function for its current log state, if it has one."""
-    if LOG_ONLY[1].name in installed_triggers(conn, tenant):
+    """Rewrite ``tenant``'s capture or log function for its current log state, if in use."""
+    present = installed_triggers(conn, tenant)
+    if LOG_ONLY[1].name in present:
         install_log_function(conn, tenant)
+    if CAPTURE[1].name in present and inline_triggers(conn) is CAPTURE:
+        install_capture_function(conn, tenant)
 
 
 def installed_triggers(conn: Conn, tenant: str) -> set[str]:
@@ -220,7 +268,8 @@ def apply_stage(conn: Conn, tenant: str, stage: str) -> None:
             "tell from the legacy app's; switch the tenant to deferred first "
             "(`imgmig project --tenant T --mode deferred`)",
         )
-    wanted = triggers_for(stage, projection)
+    wanted = triggers_for(stage, projection, inline=inline_triggers(conn))
+    wanted_names = {spec.name for spec in wanted}
     present = installed_triggers(conn, tenant)
     bound = log.bind(tenant=tenant, stage=stage)
     publish = projection == "logical" and stage in PUBLISHED_STAGES
@@ -228,11 +277,11 @@ def apply_stage(conn: Conn, tenant: str, stage: str) -> None:
     if publish and not published:
         logical.publish(conn, tenant)  # same transaction as the trigger drops below
     for spec in ALL_TRIGGERS:
-        if spec.name in present and spec not in wanted:
+        if spec.name in present and spec.name not in wanted_names:
             run_ddl(conn, spec.drop(tenant), schema=tenant)
             bound.info("trigger dropped", trigger=spec.name)
-    if any(spec.per_tenant and spec.name not in present for spec in wanted):
-        install_log_function(conn, tenant)
+    for function in sorted({s.function for s in wanted if s.per_tenant and s.name not in present}):
+        _install_function(conn, tenant, function, None)
     for spec in wanted:
         if spec.name not in present:
             run_ddl(conn, spec.create(tenant), schema=tenant)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from psycopg.types.json import Jsonb
 
-from cdc.capture import CAPTURE, LOG_ONLY, REVERSE
+from cdc.capture import CAPTURE, CAPTURE_V2, LOG_ONLY, REVERSE
 from tests.capture_support import TENANT, Conn, go, img, in_sync, new_product
 
 CANONICAL = [
@@ -165,8 +165,14 @@ def test_row_trigger_statement_golden() -> None:
 def test_trigger_statements_golden() -> None:
     """The generated trigger DDL is exactly what we expect (no DB needed to compose it)."""
     upd = CAPTURE[1].create("user_1")
+    upd_v2 = CAPTURE_V2[1].create("user_1")
     rev = REVERSE[2].drop("user_1")
     assert upd.as_string(None) == (
+        'CREATE TRIGGER "imgmig_capture_upd" AFTER UPDATE OF images ON "user_1"."products" '
+        "FOR EACH ROW WHEN (OLD.images IS DISTINCT FROM NEW.images) "
+        'EXECUTE FUNCTION "user_1"."imgmig_capture_products_row"()'
+    )
+    assert upd_v2.as_string(None) == (
         'CREATE TRIGGER "imgmig_capture_upd" AFTER UPDATE ON "user_1"."products" '
         "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
         'FOR EACH STATEMENT EXECUTE FUNCTION "imgmig"."capture_products"()'

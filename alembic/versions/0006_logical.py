@@ -114,4 +114,6 @@ def downgrade() -> None:
         stmt = sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier("imgmig", name))
         run_ddl(conn, stmt, policy=lock_policy())
     _set_check(logical=False)
-    install_sql(conn, tuple(f for f in CURRENT_SQL if f not in SQL_FILES))
+    # The files before this revision's (not every later one: those belong to revisions
+    # already undone).
+    install_sql(conn, CURRENT_SQL[: CURRENT_SQL.index(SQL_FILES[0])])
