@@ -261,8 +261,9 @@ def state(conn: Conn, pid: int) -> list[tuple[Any, ...]]:
 def play(conn: Conn, start: list[Any], steps: list[Any], tagged: bool, sku: str) -> list[Any]:
     """Write ``steps`` to a new product; the rows and events after each write."""
     pid = new_product(conn, start, sku=sku)
-    if tagged:
-        tag_rows(conn, pid)
+    if tagged:  # then the diff has its say where the array's own keys decide (a label
+        tag_rows(conn, pid)  # flag set false, say): the rows start in step with it
+        diff_work(conn, pid)
     seen = []
     for images in steps:
         write_images(conn, pid, images)
