@@ -17,6 +17,8 @@ One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
    see cdc/sql/capture_v3.sql and capture_v5.sql). Before each slice of a mode that
    projects as it writes, the table is brought back in step with the arrays, untimed
    (``resync``): the other modes' slices leave it behind, as production never does.
+   ``inline_v2`` is inline mode with capture v2's triggers (statement-level, the diff on
+   every write), the shape before capture v5, for comparison in the same rounds.
    The workload: ``--clients`` processes, each with its own connection, in autocommit,
    each statement a single-row legacy UPDATE of ``products.images`` on a random product:
    swap the first two images (a reorder), append an image, or drop the last one.
@@ -79,6 +81,7 @@ MODES = (
     "none",
     "inline",
     "inline_pre",
+    "inline_v2",
     "deferred",
     "deferred_pre",
     "ref_noop",
@@ -101,6 +104,7 @@ BENCH_FUNCTIONS = {
 TARGETS = {
     "inline": 0.6,
     "inline_pre": 0.6,
+    "inline_v2": 0.6,
     "deferred": 0.85,
     "deferred_pre": 0.85,
     "logical": 0.85,
@@ -251,7 +255,7 @@ def prepare(base_url: str, products: int) -> str:
 # do not project (none, deferred, ...) leave behind. In production capture has run all
 # along and the table is in step; inline capture's short cuts (capture v5) stand on that,
 # and send a write whose rows they find out of step to the full diff.
-RESYNCED = ("inline", "inline_pre", "ref_min")
+RESYNCED = ("inline", "inline_pre", "inline_v2", "ref_min")
 
 
 def resync(url: str, products: int) -> None:
@@ -294,6 +298,9 @@ def set_mode(url: str, mode: str) -> None:
             capture.install_log_function(conn, TENANT, before=mode == "deferred_pre")
         if mode.startswith("inline"):  # the same for inline mode (capture v5)
             capture.install_capture_function(conn, TENANT, before=mode == "inline_pre")
+        if mode == "inline_v2":  # v2's statement-level diff triggers, for comparison
+            for spec in capture.CAPTURE_V2:
+                conn.execute(spec.create(TENANT, replace=True))
         if mode in BENCH_FUNCTIONS:
             conn.execute(
                 sql.SQL(

@@ -12,11 +12,14 @@ Triggers per stage (DESIGN.md, "Lifecycle"):
   app instances still writing JSONB land in the table; the transaction-local
   ``imgmig.syncing`` setting stops the two directions from feeding each other.
 
-Capture comes in two shapes, after the tenant's projection mode: ``inline`` is three
-statement-level triggers with transition tables that log and project by diff;
-``deferred`` is three row-level triggers that only log (``UPDATE OF images`` with a
-``WHEN`` clause, so other writes cost nothing), for the projector to apply later; their
-function is written per tenant (``<tenant>.imgmig_log_products_row``, capture_v3.sql).
+Capture comes in three shapes, after the tenant's projection mode. Both trigger shapes
+are three row-level triggers (``UPDATE OF images`` with a ``WHEN`` clause, so other
+writes cost nothing) whose function is written per tenant: ``inline``
+(``<tenant>.imgmig_capture_products_row``, capture_v5.sql) logs and projects, applying an
+append, a drop of the last element or a reorder directly and the diff otherwise (before
+v5: statement-level triggers with transition tables, ``CAPTURE_V2``); ``deferred``
+(``<tenant>.imgmig_log_products_row``, capture_v3.sql) only logs, for the projector to
+apply later.
 ``logical`` has no trigger on ``products``: its table is in a publication and the WAL
 reader (``cdc.logical``) writes the events the deferred trigger would have written.
 """

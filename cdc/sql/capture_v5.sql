@@ -17,12 +17,7 @@
 --    with one targeted statement each, instead of the diff (imgmig.project), which plans
 --    a full join of the product's rows with its mapped array on every write:
 --      append     NEW is OLD plus one element at the end: insert that element's row,
---                 mapped by imgmig.images_to_rows (the one mapping), at order n_old. The
---                 element is mapped alone with its order set to 0, its order alone, so
---                 that a legacy-shaped element takes mapping v3's short cut (with n_old
---                 it took the general path: 150 us more per append). The mapping reads
---                 order only to rank the array (one element) and leaves it out of extra,
---                 and a clean array's orders are integers, so the row is the same;
+--                 mapped by imgmig.images_to_rows (the one mapping), at order n_old;
 --      drop last  NEW is OLD without its last element: delete the row at that order
 --                 with that url;
 --      reorder    NEW is OLD with 2 to 8 elements moved and no other change, each moved
@@ -140,8 +135,7 @@ BEGIN
             SELECT NEW.id, m.url, n_old, false, m.alt_text, coalesce(m.tags, '{}'),
                    m.mime_type, m.file_size, m.width, m.height, coalesce(m.created_at, now()),
                    m.extra
-              FROM imgmig.images_to_rows(
-                     jsonb_build_array(jsonb_set(NEW.images -> n_old, '{order}', '0'))) m
+              FROM imgmig.images_to_rows(jsonb_build_array(NEW.images -> n_old)) m
              WHERE (SELECT count(*) FROM %1$I.product_images r
                      WHERE r.product_id = NEW.id) = n_old;
             GET DIAGNOSTICS v_n = ROW_COUNT;
