@@ -215,16 +215,17 @@ def install_capture_function(conn: Conn, tenant: str, *, before: bool | None = N
     _install_function(conn, tenant, CAPTURE_FUNCTION, before)
 
 
+#: Each per-tenant trigger function's installer, ``imgmig.<installer>(tenant, before)``.
 _INSTALLERS: Final = {
-    LOG_FUNCTION: sql.SQL("SELECT imgmig.install_log_function(%s, %s)"),
-    CAPTURE_FUNCTION: sql.SQL("SELECT imgmig.install_capture_function(%s, %s)"),
+    LOG_FUNCTION: sql.Identifier("imgmig", "install_log_function"),
+    CAPTURE_FUNCTION: sql.Identifier("imgmig", "install_capture_function"),
 }
 
 
 def _install_function(conn: Conn, tenant: str, function: str, before: bool | None) -> None:
     if before is None:
         before = not checkpoint.log_complete(conn, tenant)
-    conn.execute(_INSTALLERS[function], (tenant, before))
+    conn.execute(sql.SQL("SELECT {}(%s, %s)").format(_INSTALLERS[function]), (tenant, before))
 
 
 def refresh_log_function(conn: Conn, tenant: str) -> None:
@@ -234,6 +235,28 @@ def refresh_log_function(conn: Conn, tenant: str) -> None:
         install_log_function(conn, tenant)
     if CAPTURE[1].name in present and inline_triggers(conn) is CAPTURE:
         install_capture_function(conn, tenant)
+
+
+def repoint(conn: Conn, tenant: str, specs: tuple[TriggerSpec, ...]) -> None:
+    """Replace ``tenant``'s triggers named in ``specs``, where present, by ``specs``.
+
+    One ``CREATE OR REPLACE TRIGGER`` each, under ``lock_timeout`` with retry: the trigger
+    is swapped in place, so there is no instant without it (revisions 0004 and 0007).
+    """
+    present = installed_triggers(conn, tenant)
+    for spec in specs:
+        if spec.name in present:
+            run_ddl(conn, spec.create(tenant, replace=True), schema=tenant)
+
+
+def drop_tenant_function(conn: Conn, tenant: str, function: str) -> None:
+    """Drop ``tenant``'s trigger ``function``; with no tenant's left, its installer too."""
+    drop = sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(tenant, function))
+    run_ddl(conn, drop, schema=tenant)
+    row = conn.execute("SELECT count(*) FROM pg_proc WHERE proname = %s", (function,)).fetchone()
+    if row is not None and int(row[0]) == 0:
+        installer = _INSTALLERS[function]
+        conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}(text, boolean)").format(installer))
 
 
 def installed_triggers(conn: Conn, tenant: str) -> set[str]:

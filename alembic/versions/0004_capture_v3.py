@@ -22,18 +22,14 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Final
 
-from psycopg import sql
-
 from cdc.capture import (
     LOG_FUNCTION,
     LOG_ONLY,
-    TriggerSpec,
+    drop_tenant_function,
     install_log_function,
     install_sql,
-    installed_triggers,
+    repoint,
 )
-from cdc.db import Conn
-from cdc.ddl import run_ddl
 from cdc.migrate import current_tenant, raw_connection
 
 revision: str = "0004_capture_v3"
@@ -53,24 +49,11 @@ def upgrade() -> None:
     conn = raw_connection()
     install_sql(conn, SQL_FILES)
     install_log_function(conn, tenant)
-    _repoint(conn, tenant, LOG_ONLY)
+    repoint(conn, tenant, LOG_ONLY)
 
 
 def downgrade() -> None:
     tenant = current_tenant()
     conn = raw_connection()
-    _repoint(conn, tenant, LOG_ONLY_V2)
-    drop = sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(tenant, LOG_FUNCTION))
-    run_ddl(conn, drop, schema=tenant)
-    left = conn.execute("SELECT count(*) FROM pg_proc WHERE proname = %s", (LOG_FUNCTION,))
-    row = left.fetchone()
-    if row is not None and int(row[0]) == 0:
-        conn.execute("DROP FUNCTION IF EXISTS imgmig.install_log_function(text, boolean)")
-
-
-def _repoint(conn: Conn, tenant: str, specs: tuple[TriggerSpec, ...]) -> None:
-    """Point the tenant's log triggers, where present, at ``specs``' function."""
-    present = installed_triggers(conn, tenant)
-    for spec in specs:
-        if spec.name in present:
-            run_ddl(conn, spec.create(tenant, replace=True), schema=tenant)
+    repoint(conn, tenant, LOG_ONLY_V2)
+    drop_tenant_function(conn, tenant, LOG_FUNCTION)

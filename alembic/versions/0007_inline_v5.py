@@ -21,19 +21,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from psycopg import sql
-
 from cdc.capture import (
     CAPTURE,
     CAPTURE_FUNCTION,
     CAPTURE_V2,
-    TriggerSpec,
+    drop_tenant_function,
     install_capture_function,
     install_sql,
-    installed_triggers,
+    repoint,
 )
-from cdc.db import Conn
-from cdc.ddl import run_ddl
 from cdc.migrate import current_tenant, raw_connection
 
 revision: str = "0007_inline_v5"
@@ -49,24 +45,11 @@ def upgrade() -> None:
     conn = raw_connection()
     install_sql(conn, SQL_FILES)
     install_capture_function(conn, tenant)
-    _repoint(conn, tenant, CAPTURE)
+    repoint(conn, tenant, CAPTURE)
 
 
 def downgrade() -> None:
     tenant = current_tenant()
     conn = raw_connection()
-    _repoint(conn, tenant, CAPTURE_V2)
-    drop = sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(tenant, CAPTURE_FUNCTION))
-    run_ddl(conn, drop, schema=tenant)
-    left = conn.execute("SELECT count(*) FROM pg_proc WHERE proname = %s", (CAPTURE_FUNCTION,))
-    row = left.fetchone()
-    if row is not None and int(row[0]) == 0:
-        conn.execute("DROP FUNCTION IF EXISTS imgmig.install_capture_function(text, boolean)")
-
-
-def _repoint(conn: Conn, tenant: str, specs: tuple[TriggerSpec, ...]) -> None:
-    """Replace the tenant's capture triggers, where present, by ``specs``."""
-    present = installed_triggers(conn, tenant)
-    for spec in specs:
-        if spec.name in present:
-            run_ddl(conn, spec.create(tenant, replace=True), schema=tenant)
+    repoint(conn, tenant, CAPTURE_V2)
+    drop_tenant_function(conn, tenant, CAPTURE_FUNCTION)
