@@ -29,8 +29,9 @@
 --    count, and the order and url of every row it touches) and must change exactly the
 --    rows it expects; otherwise, or for any other edit, the trigger runs the diff, which
 --    projects NEW whatever the table held. Unchanged elements keep their rows, ids and
---    table-only metadata, as with the diff. tests/test_capture_v5.py checks on generated
---    edit sequences that after every write the diff finds nothing left to do.
+--    table-only metadata, as with the diff. tests/test_capture_v5.py plays generated edit
+--    sequences through this trigger and through v2's: after every write both leave the
+--    same rows, surviving row ids and events, and the diff finds nothing left to do.
 --    What the short cuts do not do: repair drift the table already had in rows they do
 --    not touch (the diff would, as a side effect). Drift is what verify and reconcile
 --    are for; capture never causes it.
