@@ -51,6 +51,7 @@ CURRENT_SQL: Final = (
     "mapping_v3.sql",
     "capture_v4.sql",
     "capture_v5.sql",
+    "mapping_v4.sql",
 )
 
 INSTALL_LOCK: Final = "imgmig.capture.install"

@@ -1,6 +1,7 @@
-"""Mapping v3: images_to_rows returns v2's rows for every input (mapping_v3.sql).
+"""Mappings v3 and v4: images_to_rows returns v2's rows for every input.
 
-v2 is installed beside it, in a scratch schema, from the frozen files themselves, and both
+The installed mapping (mapping_v4.sql over mapping_v3.sql) is compared with v2, which is
+installed beside it, in a scratch schema, from the frozen files themselves, and both
 map the same arrays: generated ones (mostly the legacy shape v3 short-cuts, each with the
 perturbations that must send it down v2's path) and the boundaries of the short cut.
 """
@@ -152,9 +153,12 @@ def test_boundaries_of_the_short_cut(v2: Conn) -> None:
         legacy(ok, ok, ok),
         *(
             legacy(ok, stamp(2025, m, d, 0, 0, 0, ".000000"))
-            for m in (1, 2, 12)
-            for d in (28, 29, 31)
+            for m in (1, 2, 4, 6, 9, 11, 12)
+            for d in (28, 29, 30, 31, 32)
         ),
+        legacy(ok, "2024-02-29T00:00:00.000000Z"),  # a leap day: v4 leaves it to v2's path
+        legacy(ok, "2025-02-29T00:00:00.000000Z"),
+        legacy(ok, "2025-01-3\u0661T00:00:00.000000Z"),
         legacy(ok, "1000-01-01T00:00:00.000000Z"),
         legacy(ok, "9999-12-28T23:59:59.999999Z"),
         legacy(ok, "0999-12-28T23:59:59.999999Z"),
@@ -172,6 +176,11 @@ def test_boundaries_of_the_short_cut(v2: Conn) -> None:
         legacy(ok, "\uff12\uff10\uff12\uff15-01-10T23:59:59.000000Z"),  # fullwidth digits
         legacy(ok, 20250110),
         legacy(ok, None),
+        *(legacy(ok, order=o) for o in (7, -1, 1.5, "x", None, 10**12, [0])),  # one element
+        [{"url": "https://cdn.example/0.jpg", "created_at": ok}],
+        # two elements whose orders swap them: the order decides, no short cut
+        [{**legacy(ok)[0], "order": 1}, {**legacy(ok, ok)[1], "order": 0}],
+        legacy(ok, ok, order=-1),
         legacy(ok, ok, order=1.0),
         legacy(ok, ok, order=2),
         legacy(ok, ok, order="1"),
@@ -214,6 +223,70 @@ def test_seeded_products_map_as_in_v2(v2: Conn) -> None:
         checked += len(batch)
         assert differing(v2, batch) == [], tenant
     assert checked >= 300  # the test seed: 300 products over four tenants
+
+
+def test_v4_skips_the_general_pipeline_for_the_legacy_shape(conn: Conn) -> None:
+    """v4 calls images_to_rows_general only when the short cut does not apply: the day
+    check follows the month (31 January and 30 April in, 31 April and 29 February out)."""
+
+    def general_calls(stamp_text: str, **extra: Any) -> int:
+        element = {"url": "https://cdn.example/0.jpg", "order": 0, "created_at": stamp_text}
+        count = (
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions "
+            "WHERE schemaname = 'imgmig' AND funcname = 'images_to_rows_general'"
+        )
+        with conn.transaction(force_rollback=True):
+            conn.execute("SET LOCAL track_functions = 'pl'")
+            # the view holds counts not yet reported, earlier transactions' too: a difference
+            before = conn.execute(count).fetchone()
+            conn.execute(
+                "SELECT count(*) FROM imgmig.images_to_rows(%s)", (Jsonb([{**element, **extra}]),)
+            )
+            after = conn.execute(count).fetchone()
+        assert before is not None
+        assert after is not None
+        return int(after[0]) - int(before[0])
+
+    assert general_calls("2025-01-31T10:00:00.000000Z") == 0
+    assert general_calls("2025-04-30T10:00:00.000000Z") == 0
+    assert general_calls("2025-04-31T10:00:00.000000Z") == 1
+    assert general_calls("2024-02-29T10:00:00.000000Z") == 1
+    assert general_calls("2025-01-31T10:00:00.000000Z", alt_text="a") == 1
+    # the capture trigger's append maps the new element alone, with its order in the array
+    assert general_calls("2025-01-31T10:00:00.000000Z", order=6) == 0
+
+
+def test_v4_down_puts_v3_back(v2: Conn, migrated_url: str) -> None:
+    """Below 0008_mapping_v4 (every tenant) the mapping is v3's again, without the
+    general function; upgrading installs v4 once more."""
+
+    conn = v2
+
+    def general_exists() -> bool:
+        row = conn.execute(
+            "SELECT to_regprocedure('imgmig.images_to_rows_general(jsonb)') IS NOT NULL"
+        ).fetchone()
+        return row is not None and bool(row[0])
+
+    assert general_exists()
+    migrate.downgrade(migrated_url, "0007_inline_v5", tenants=[TENANT])
+    assert general_exists()  # other tenants are still at v4
+    migrate.downgrade(migrated_url, "0007_inline_v5")
+    assert not general_exists()
+    body = conn.execute(
+        "SELECT pg_get_functiondef('imgmig.images_to_rows(jsonb)'::regprocedure)"
+    ).fetchone()
+    assert body is not None
+    assert "shape AS" in body[0]
+    assert "images_to_rows_general" not in body[0]
+    day_31 = {
+        "url": "https://cdn.example/0.jpg",
+        "order": 0,
+        "created_at": "2025-01-31T10:00:00.000000Z",
+    }
+    assert differing(conn, [[day_31], [{**day_31, "alt_text": "a"}]]) == []
+    migrate.upgrade(migrated_url)
+    assert general_exists()
 
 
 def test_last_tenant_down_puts_v2_back(conn: Conn, migrated_url: str) -> None:

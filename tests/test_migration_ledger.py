@@ -143,6 +143,7 @@ def test_deploy_runs_the_skipped_revisions_before_the_next_stage(
         "0005_mapping_v3",
         "0006_logical",
         "0007_inline_v5",
+        "0008_mapping_v4",
     ]
     assert deploy.next_step(conn, TENANT) is deploy.Step.EXPAND
     assert deploy.plan(conn, [TENANT])[TENANT][:2] == [deploy.Step.EXPAND, deploy.Step.BACKFILL]

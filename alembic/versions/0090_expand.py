@@ -1,7 +1,7 @@
 """expand: the end of the expand phase, a name to upgrade to
 
 Revision ID: expand
-Revises: 0007_inline_v5
+Revises: 0008_mapping_v4
 Create Date: 2026-11-22
 
 ``alembic upgrade expand`` runs every additive revision (table, indexes, control schema,
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 revision: str = "expand"
-down_revision: str | None = "0007_inline_v5"
+down_revision: str | None = "0008_mapping_v4"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
