@@ -19,6 +19,8 @@ One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
    (``resync``): the other modes' slices leave it behind, as production never does.
    ``inline_v2`` is inline mode with capture v2's triggers (statement-level, the diff on
    every write), the shape before capture v5, for comparison in the same rounds.
+   ``inline_m3`` is ``inline`` with the canonical mapping before the current one
+   (mapping_v3.sql, reinstalled for its slices and replaced again after them).
    The workload: ``--clients`` processes, each with its own connection, in autocommit,
    each statement a single-row legacy UPDATE of ``products.images`` on a random product:
    swap the first two images (a reorder), append an image, or drop the last one.
@@ -82,6 +84,7 @@ MODES = (
     "inline",
     "inline_pre",
     "inline_v2",
+    "inline_m3",
     "deferred",
     "deferred_pre",
     "ref_noop",
@@ -105,6 +108,7 @@ TARGETS = {
     "inline": 0.6,
     "inline_pre": 0.6,
     "inline_v2": 0.6,
+    "inline_m3": 0.6,
     "deferred": 0.85,
     "deferred_pre": 0.85,
     "logical": 0.85,
@@ -255,7 +259,10 @@ def prepare(base_url: str, products: int) -> str:
 # do not project (none, deferred, ...) leave behind. In production capture has run all
 # along and the table is in step; inline capture's short cuts (capture v5) stand on that,
 # and send a write whose rows they find out of step to the full diff.
-RESYNCED = ("inline", "inline_pre", "inline_v2", "ref_min")
+RESYNCED = ("inline", "inline_pre", "inline_v2", "inline_m3", "ref_min")
+# The canonical mapping's current and previous SQL files: inline_m3 runs with the
+# previous one (mapping v3), every other mode with the current one.
+MAPPINGS = tuple(name for name in capture.CURRENT_SQL if name.startswith("mapping_"))
 
 
 def resync(url: str, products: int) -> None:
@@ -292,6 +299,7 @@ def set_mode(url: str, mode: str) -> None:
                 logical.drain(reader)
         else:
             project.set_mode(conn, TENANT, "deferred" if deferred else "inline")
+        capture.install_sql(conn, MAPPINGS[-2:-1] if mode == "inline_m3" else MAPPINGS[-1:])
         target = "dual_write" if mode in TARGETS else "jsonb"
         stage.set_stage(conn, TENANT, target, reason="benchmark", actor="bench", force=True)
         if deferred:  # after a backfill (the log complete: updates log 'after'), or before
