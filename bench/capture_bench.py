@@ -214,6 +214,22 @@ def run_phase(url: str, *, clients: int, seconds: float, max_id: int) -> float:
     return total / (time.monotonic() - started)
 
 
+def statement_rate(url: str, statements: int, max_id: int, seed: int) -> float:
+    """Edits per second of one session in one transaction, rolled back: the trigger's own
+    cost per statement, without the commit's flush or the other clients' contention."""
+    rng = random.Random(seed)
+    with psycopg.connect(url) as conn:
+        for edit in EDITS:  # prepare each statement and warm the trigger's plans, untimed
+            conn.execute(edit, (rng.randint(1, max_id),), prepare=True)
+        started = time.perf_counter()
+        for _ in range(statements):
+            edit = EDITS[rng.randrange(len(EDITS))]
+            conn.execute(edit, (rng.randint(1, max_id),), prepare=True)
+        took = time.perf_counter() - started
+        conn.rollback()
+    return statements / took
+
+
 def prepare(base_url: str, products: int) -> str:
     """A fresh database: seeded, migrated, backfilled; returns its URL."""
     url = server.fresh_database(base_url, DB)
@@ -306,8 +322,10 @@ def set_mode(url: str, mode: str) -> None:
             capture.install_log_function(conn, TENANT, before=mode == "deferred_pre")
         if mode.startswith("inline"):  # the same for inline mode (capture v5)
             capture.install_capture_function(conn, TENANT, before=mode == "inline_pre")
-        if mode == "inline_v2":  # v2's statement-level diff triggers, for comparison
-            for spec in capture.CAPTURE_V2:
+            # v2's statement-level diff triggers for inline_v2, v5's for the others: by name,
+            # set_stage keeps a trigger of the right name whichever mode left it there
+            specs = capture.CAPTURE_V2 if mode == "inline_v2" else capture.CAPTURE
+            for spec in specs:
                 conn.execute(spec.create(TENANT, replace=True))
         if mode in BENCH_FUNCTIONS:
             conn.execute(
@@ -330,6 +348,13 @@ def main() -> None:
         help="compare the deferred trigger's versions instead (v2, v3 with/without before)",
     )
     parser.add_argument(
+        "--statements",
+        type=int,
+        default=0,
+        help="instead of concurrent clients, time this many edits per slice in one session "
+        "and one transaction rolled back (the triggers' cost per statement, less noisy)",
+    )
+    parser.add_argument(
         "--logical",
         action="store_true",
         help="start the embedded server at wal_level=logical (adds the logical mode)",
@@ -346,7 +371,7 @@ def main() -> None:
                 "FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'wal_level')"
             ).fetchone()
             why_not = logical.unavailable(conn)
-        if not args.ab and why_not is None:
+        if not args.ab and why_not is None and not args.statements:
             modes = (*modes, "logical", "logical_live")
         elif not args.ab:
             print(f"logical mode skipped: {why_not}", flush=True)
@@ -356,11 +381,15 @@ def main() -> None:
         for turn in range(args.rounds):
             for mode in modes:
                 set_mode(url, mode)
-                if mode in RESYNCED:
+                if mode in RESYNCED and not args.statements:  # rolled back: still in step
                     resync(url, args.products)
                 slice_s = args.seconds / args.rounds
                 reader = live_reader(url, slice_s) if mode == "logical_live" else None
-                rate = run_phase(url, clients=args.clients, seconds=slice_s, max_id=args.products)
+                rate = (
+                    statement_rate(url, args.statements, args.products, seed=turn)
+                    if args.statements
+                    else run_phase(url, clients=args.clients, seconds=slice_s, max_id=args.products)
+                )
                 done[mode].append(rate)
                 print(f"round {turn + 1} {mode:9s} {rate:9.0f} tx/s", flush=True)
                 if mode == "logical":
@@ -375,20 +404,34 @@ def main() -> None:
         print(
             f"\nPostgreSQL {version[0] if version else '?'} "
             f"({durability[0] if durability else '?'}), {args.products} products, "
-            f"{args.clients} clients, {args.seconds:.0f} s per mode in {args.rounds} rounds"
-        )
-        print(f"no trigger  {tps['none']:9.0f} tx/s")
-        for mode in modes[1:]:
-            ratio = tps[mode] / tps["none"]
-            target = TARGETS.get(mode)
-            verdict = (
-                f"({'meets' if ratio >= target else 'below'} the {target}x target)"
-                if target
-                else "(reference)"
+            + (
+                f"{args.statements} statements per mode and round in one session, rolled back"
+                if args.statements
+                else f"{args.clients} clients, {args.seconds:.0f} s per mode in "
+                f"{args.rounds} rounds"
             )
-            print(f"{mode:10s}  {tps[mode]:9.0f} tx/s  {ratio:5.2f}x  {verdict}")
+        )
+        print_rates(tps, modes, per_statement=bool(args.statements))
         print(f"projector caught up {applied} products in {took:.1f} s")
         print_readers(drains, behind)
+
+
+def print_rates(tps: dict[str, float], modes: tuple[str, ...], *, per_statement: bool) -> None:
+    """Each mode's rate and its ratio to ``none``; with ``--statements``, µs per statement."""
+
+    def cost(mode: str) -> str:
+        return f"  {1e6 / tps[mode]:5.0f} us/statement" if per_statement else ""
+
+    print(f"no trigger  {tps['none']:9.0f} tx/s{cost('none')}")
+    for mode in modes[1:]:
+        ratio = tps[mode] / tps["none"]
+        target = TARGETS.get(mode)
+        verdict = (
+            f"({'meets' if ratio >= target else 'below'} the {target}x target)"
+            if target
+            else "(reference)"
+        )
+        print(f"{mode:10s}  {tps[mode]:9.0f} tx/s  {ratio:5.2f}x  {verdict}{cost(mode)}")
 
 
 def print_readers(drains: list[tuple[float, float]], behind: list[int]) -> None:
