@@ -15,7 +15,7 @@
 --    That start-up, not the mapping itself, was most of a single call's price: one
 --    legacy element cost 64-80 us per call against 6 us for the bare
 --    jsonb_array_elements (PostgreSQL 15, a loop of 10,000 calls from PL/pgSQL with the
---    generic plan; the custom plan costs 1.7 ms). Single calls are what the capture
+--    generic plan; with a custom plan each call costs 1.7 ms). Single calls are what the capture
 --    trigger makes (an appended element, each product the diff maps). PL/pgSQL, because
 --    it keeps its plan for the session; a SQL function that is not inlined is planned
 --    again for every statement that calls it before PostgreSQL 18.
@@ -31,9 +31,11 @@
 --    maps the appended element alone, as jsonb_build_array(NEW.images -> n_old), with
 --    its order n_old, which sent every append down the general path.
 --
--- Measured (PostgreSQL 15, 10,000 calls from PL/pgSQL): one element of the legacy shape
--- v3 64 us, v4 31 us per call; the trigger's appended element (order n_old) v3 ~130 us,
--- v4 49 us; an element with an alt_text (the general path) v3 126 us, v4 154 us.
+-- Measured (bench/mapping_bench.py, PostgreSQL 15, medians of 5 rounds of 5,000 calls
+-- from a PL/pgSQL loop, v3 -> v4, us per call): one legacy element 80 -> 32; the trigger's
+-- appended element (order 5) 79 -> 36; five legacy elements 151 -> 56; an element with an
+-- alt_text (the general path, now a PL/pgSQL call) 105 -> 137. Every product of a
+-- 20,000-product tenant through a LATERAL call, as the backfill maps: 763 -> 638 ms.
 -- BENCHMARKS.md has what it does to the capture and backfill benchmarks.
 
 CREATE OR REPLACE FUNCTION imgmig.images_to_rows_general(p_images jsonb)
