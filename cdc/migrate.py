@@ -189,6 +189,19 @@ def migrated_tenants(conn: Conn) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
+def others_after(conn: Conn, tenant: str, before: frozenset[str]) -> list[str]:
+    """The migrated tenants other than ``tenant`` at a revision not in ``before``.
+
+    A revision that changes the shared ``imgmig`` schema undoes that change only with
+    the last tenant to leave it: the others still run on it.
+    """
+    return [
+        other
+        for other in migrated_tenants(conn)
+        if other != tenant and tenant_revision(conn, other) not in before | {None}
+    ]
+
+
 # The revisions that really ran on a tenant, beside its Alembic version table. Alembic
 # knows only the revision a tenant is *at*; a revision inserted before the ``expand``
 # marker by a later release is an ancestor of it, so Alembic counts it as applied on a

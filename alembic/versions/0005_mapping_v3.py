@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from cdc.capture import install_sql
-from cdc.migrate import current_tenant, migrated_tenants, raw_connection, tenant_revision
+from cdc.migrate import current_tenant, others_after, raw_connection
 
 revision: str = "0005_mapping_v3"
 down_revision: str | None = "0004_capture_v3"
@@ -39,10 +39,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     tenant = current_tenant()
     conn = raw_connection()
-    others = [
-        other
-        for other in migrated_tenants(conn)
-        if other != tenant and tenant_revision(conn, other) not in BEFORE | {None}
-    ]
+    others = others_after(conn, tenant, BEFORE)
     if not others:
         install_sql(conn, ("mapping_v1.sql", "mapping_v2.sql"))

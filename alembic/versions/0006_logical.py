@@ -32,8 +32,7 @@ from psycopg import sql
 from cdc.capture import CURRENT_SQL, install_sql
 from cdc.ddl import run_ddl
 from cdc.errors import LogicalCaptureError
-from cdc.migrate import current_tenant, lock_policy, migrated_tenants, raw_connection
-from cdc.migrate import tenant_revision as revision_of
+from cdc.migrate import current_tenant, lock_policy, others_after, raw_connection
 
 revision: str = "0006_logical"
 down_revision: str | None = "0005_mapping_v3"
@@ -103,11 +102,7 @@ def downgrade() -> None:
             reason="the tenant captures through the WAL; switch it first "
             "(`imgmig project --tenant T --mode deferred`), then downgrade",
         )
-    others = [
-        other
-        for other in migrated_tenants(conn)
-        if other != tenant and revision_of(conn, other) not in BEFORE | {None}
-    ]
+    others = others_after(conn, tenant, BEFORE)
     if others:
         return
     for name in ("logical_seen", "logical_checkpoint"):

@@ -25,7 +25,7 @@ from psycopg import sql
 
 from cdc.capture import install_sql
 from cdc.ddl import run_ddl
-from cdc.migrate import current_tenant, migrated_tenants, raw_connection, tenant_revision
+from cdc.migrate import current_tenant, others_after, raw_connection
 
 revision: str = "0008_mapping_v4"
 down_revision: str | None = "0007_inline_v5"
@@ -55,11 +55,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     tenant = current_tenant()
     conn = raw_connection()
-    others = [
-        other
-        for other in migrated_tenants(conn)
-        if other != tenant and tenant_revision(conn, other) not in BEFORE | {None}
-    ]
+    others = others_after(conn, tenant, BEFORE)
     if not others:
         install_sql(conn, ("mapping_v3.sql",))  # v3's images_to_rows no longer calls it
         run_ddl(conn, sql.SQL("DROP FUNCTION IF EXISTS {}(jsonb)").format(GENERAL))
