@@ -131,11 +131,12 @@ AS $$
   ), shape AS (  -- the legacy shape, once per array (see mapping_v3.sql; days: the header)
     SELECT count(*) = jsonb_array_length(CASE WHEN jsonb_typeof(p_images) = 'array'
                                                THEN p_images ELSE '[]' END)
+           -- orders 0..n-1 in place; one element sorts to 0 whatever its order says
+           AND (count(*) = 1
+                OR coalesce(bool_and(coalesce((el.v -> 'order') = to_jsonb(el.pos - 1),
+                                              false)), true))
            AND coalesce(bool_and(coalesce(
                  (el.v - '{url,order,created_at}'::text[]) = '{}'
-                 AND ((el.v -> 'order') = to_jsonb(el.pos - 1)
-                      OR jsonb_array_length(CASE WHEN jsonb_typeof(p_images) = 'array'
-                                                 THEN p_images ELSE '[]' END) = 1)
                  AND el.ca COLLATE "C" LIKE '____-__-__T__:__:__.______Z'
                  AND translate(el.ca, '0123456789', '') = '--T::.Z'
                  AND el.ca COLLATE "C" >= '1'
