@@ -6,7 +6,9 @@ Per tenant, in keyset batches over ``products.id``, each batch one transaction:
    through the canonical mapping (``imgmig.snapshot``: one set-based statement that
    logs an ``images.snapshot`` event per product and diffs the rows). The lock is taken
    before the JSONB is read, so a live write either committed first (and we read its
-   value) or waits for this batch; older data never overwrites newer;
+   value) or waits for this batch; older data never overwrites newer. Where the role may,
+   that statement runs without PostgreSQL's check of ``product_images.product_id``, which
+   its own lock already proves (``cdc.fkcheck`` says when and why);
 2. log an ``images.malformed`` event (with the original JSONB) for each product whose
    array has problems; the mapping has already projected its well-formed elements;
 3. apply the enabled heuristic label strategies (``cdc.labels``);
@@ -31,7 +33,7 @@ import psycopg
 import structlog
 from psycopg import errors, sql
 
-from cdc import capture, checkpoint, labels, locks, replicas
+from cdc import capture, checkpoint, fkcheck, labels, locks, replicas
 from cdc import stage as stage_mod
 from cdc.db import Conn, connect
 from cdc.errors import ImgmigError, StageRefusedError
@@ -59,6 +61,7 @@ class BackfillConfig:
     replica_lag_ignore: tuple[str, ...] = ()  # application names, e.g. a delayed standby
     lock_timeout_ms: int = 2000
     reconnect_attempts: int = 8
+    fk_check: str = "auto"  # auto: skip the check the batch proves, where allowed (fkcheck)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class TenantResult:
     malformed: int = 0
     reconnects: int = 0
     replica_wait_s: float = 0.0  # time spent waiting for lagging WAL consumers
+    fk_check_skipped: int = 0  # batches that skipped the product_id check (cdc.fkcheck)
     error: str | None = None
 
 
@@ -216,6 +220,10 @@ class _Worker:
     progress: Progress
     result: TenantResult = field(init=False)
     _unseen_checked: bool = field(default=False, init=False)
+    # The connection's own session_replication_role when batches may skip the product_id
+    # check (cdc.fkcheck), else None; and whether the reason they do not was logged.
+    _role: str | None = field(default=None, init=False)
+    _fk_told: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.result = TenantResult(self.tenant)
@@ -232,6 +240,9 @@ class _Worker:
             if cp is not None and cp.status == "done" and not restart:
                 return
             cp = checkpoint.start(conn, self.tenant, restart=restart)
+        self._role = fkcheck.allowed(conn) if self.config.fk_check == "auto" else None
+        if self._role is None and self.config.fk_check == "auto":
+            self._tell_fk("the role may not set session_replication_role")
         total = cp.products_done + checkpoint.remaining(conn, self.tenant, cp)
         self.progress.start(self.tenant, total, cp.products_done)
         size = cp.batch_size or self.config.batch_size
@@ -289,10 +300,14 @@ class _Worker:
         tenant = self.tenant
         conn.execute(_BATCH_SETTINGS, (f"{self.config.lock_timeout_ms}ms",))
         self._recheck_stage(conn)
+        role = self._role if self._role is not None and self._may_skip_fk_check(conn) else None
         row = conn.execute(
             lock_and_project(tenant),
             {"after": after, "max_id": max_id, "limit": size, "tenant": tenant},
         ).fetchone()
+        if role is not None:
+            fkcheck.leave(conn, role)
+            self.result.fk_check_skipped += 1
         ids: list[int] = list(row[0]) if row and row[0] else []
         if not row or not ids:
             checkpoint.advance(conn, tenant, last_id=max_id, products=0, rows=0, batch_size=size)
@@ -304,6 +319,19 @@ class _Worker:
         )
         elapsed = time.monotonic() - started
         return Batch(tenant, len(ids), rows, ids[-1], elapsed, size, max(malformed, 0), labelled)
+
+    def _may_skip_fk_check(self, conn: Conn) -> bool:
+        others = fkcheck.enter(conn, self.tenant)
+        if others:
+            self._tell_fk("other triggers would be skipped with it", triggers=others)
+        return not others
+
+    def _tell_fk(self, why: str, **detail: object) -> None:
+        """Once per worker: why its batches keep the product_id foreign-key check."""
+        if not self._fk_told:
+            self._fk_told = True
+            log.info("backfill batches keep the product_id foreign-key check",
+                     tenant=self.tenant, why=why, **detail)  # fmt: skip
 
     def _recheck_stage(self, conn: Conn) -> None:
         """Hold the stage for the batch: a rollback to jsonb waits for it, then stops us."""

@@ -21,7 +21,7 @@ import typer
 from rich.table import Table
 
 from cdc import backfill as backfill_mod
-from cdc import checkpoint, labels, metrics, replicas, runs
+from cdc import checkpoint, fkcheck, labels, metrics, replicas, runs
 from cdc import progress as progress_mod
 from cdc import reconcile as reconcile_mod
 from cdc.cli_common import (
@@ -80,10 +80,21 @@ def backfill(  # noqa: PLR0917 - Typer derives options from parameters
     restart: Annotated[bool, typer.Option(help="Start done tenants over.")] = False,
     max_replica_lag: MaxReplicaLagOpt = replicas.DEFAULT_MAX_LAG,
     replica_lag_ignore: ReplicaLagIgnoreOpt = None,
+    fk_check: Annotated[
+        str,
+        typer.Option(
+            help="auto: a batch skips PostgreSQL's product_id foreign-key check, which its "
+            "own row locks prove, where the role may set session_replication_role and no "
+            "other trigger would be skipped; always: keep the check."
+        ),
+    ] = "auto",
 ) -> None:
     """Backfill product_images from JSONB, resumable (kill -9 safe), tenants in parallel."""
     if ctx.invoked_subcommand is not None:
         return
+    if fk_check not in fkcheck.MODES:
+        raise typer.BadParameter(f"must be one of {', '.join(fkcheck.MODES)}",
+                                 param_hint="--fk-check")  # fmt: skip
     config = backfill_mod.BackfillConfig(
         batch_size=batch_size,
         sizer=BatchSizer(target_s=target_ms / 1000),
@@ -93,6 +104,7 @@ def backfill(  # noqa: PLR0917 - Typer derives options from parameters
         restart=restart,
         max_replica_lag=max_replica_lag or None,
         replica_lag_ignore=tuple(replica_lag_ignore or ()),
+        fk_check=fk_check,
     )
     wanted = chosen(tenant, all_, "backfill")
     if sys.stderr.isatty():
@@ -110,6 +122,7 @@ def backfill(  # noqa: PLR0917 - Typer derives options from parameters
         products=sum(r.products for r in results),
         rows=sum(r.rows for r in results),
         replica_wait_s=round(sum(r.replica_wait_s for r in results), 1),
+        fk_check_skipped_batches=sum(r.fk_check_skipped for r in results),
     )
     raise typer.Exit(code)
 

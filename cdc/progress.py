@@ -121,6 +121,7 @@ class LogLines:
             malformed=result.malformed,
             reconnects=result.reconnects,
             replica_wait_s=round(result.replica_wait_s, 1),
+            fk_check_skipped_batches=result.fk_check_skipped,
             error=result.error,
         )
 

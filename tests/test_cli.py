@@ -122,6 +122,7 @@ def test_flag_get_shows_deferred_projection_lag(migrated_url: str) -> None:
         ("reconcile", "--workers", "x"),
         ("no-such-command",),
         ("backfill", "--max-replica-lag", "lots"),
+        ("backfill", "--fk-check", "sometimes"),
         ("deploy", "run", "--max-replica-lag", "-1"),
     ],
 )
