@@ -61,8 +61,10 @@ def _assert_exact(url: str) -> None:
         assert duplicate_orders(conn, T) == 0
         orphans = scalar(
             conn,
-            "SELECT count(*) FROM user_1.product_images r "
-            "WHERE NOT EXISTS (SELECT 1 FROM user_1.products p WHERE p.id = r.product_id)",
+            sql.SQL(
+                "SELECT count(*) FROM user_1.product_images r "
+                "WHERE NOT EXISTS (SELECT 1 FROM user_1.products p WHERE p.id = r.product_id)"
+            ),
         )
         assert orphans == 0
 
@@ -128,8 +130,8 @@ def test_another_trigger_keeps_every_check(migrated_url: str, ddl: str) -> None:
     _assert_exact(migrated_url)
     if "audit" in ddl:  # it fired for every row the backfill wrote
         with connect(migrated_url, autocommit=True) as conn:
-            audited = scalar(conn, "SELECT count(*) FROM public.audit")
-            assert audited == scalar(conn, "SELECT count(*) FROM user_1.product_images")
+            audited = scalar(conn, sql.SQL("SELECT count(*) FROM public.audit"))
+            assert audited == scalar(conn, sql.SQL("SELECT count(*) FROM user_1.product_images"))
 
 
 def test_only_a_role_allowed_to_set_the_parameter_skips(migrated_url: str) -> None:
