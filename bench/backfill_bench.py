@@ -13,9 +13,12 @@ One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
    ``products.images`` (through the capture trigger) every 20 ms, for ``--idle-s``.
 4. Backfill: ``imgmig backfill --all`` as a subprocess (its own RSS is sampled every
    100 ms with psutil) while the same writers run; rows per second from the checkpoint.
-5. Raw baseline again, on the emptied tables: the raw rate moves by ±20% between runs
+5. ``CHECKPOINT``, then the idle writers again for ``--idle-s``: the idle p99 moved by half
+   between runs of the same code (11.8 to 18.3 ms), so the ratio divides by the p99 of
+   both idle windows together, and prints each.
+6. Raw baseline again, on the emptied tables: the raw rate moves by ±20% between runs
    (checkpoints), so the ratio uses the mean of the two, and both are printed.
-6. Print: backfill ÷ raw throughput, writer p99 during ÷ idle, peak RSS of the backfill,
+7. Print: backfill ÷ raw throughput, writer p99 during ÷ idle, peak RSS of the backfill,
    and the WAL each wrote per image row (what standbys and logical consumers must apply;
    the backfill's includes the concurrent writers' few MB).
 """
@@ -152,6 +155,20 @@ class Writers:
                 time.sleep(0.02)
 
 
+def idle_window(url: str, writers: Writers, seconds: float) -> list[float]:
+    """The writers' latencies with no backfill running, after a ``CHECKPOINT``.
+
+    The raw statement and the backfill leave gigabytes of dirty buffers: flushed first, or
+    the checkpointer's writes land in the window and inflate the baseline (one run
+    measured an idle p99 of 43 ms instead of 9 ms that way).
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    writers.start()
+    time.sleep(seconds)
+    return writers.finish()
+
+
 def table_rows(url: str, tenants: dict[str, int]) -> int:
     with psycopg.connect(url) as conn:
         total = 0
@@ -168,11 +185,11 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
 
-def run_backfill(url: str, workers: int, target_ms: int) -> tuple[float, float, str]:
+def run_backfill(url: str, workers: int, target_ms: int, fk_check: str) -> tuple[float, float, str]:
     """Backfill as a subprocess; return (seconds, peak RSS MiB, last log line)."""
     cmd = [sys.executable, "-m", "cdc", "--log-format", "json", "--database-url", url,
            "backfill", "--all", "--workers", str(workers),
-           "--target-ms", str(target_ms)]  # fmt: skip
+           "--target-ms", str(target_ms), "--fk-check", fk_check]  # fmt: skip
     started = time.monotonic()
     proc = subprocess.Popen(  # noqa: S603 - our own CLI, arguments built above
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -200,6 +217,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--idle-s", type=float, default=15.0)
     parser.add_argument("--target-ms", type=int, default=300)
+    parser.add_argument("--fk-check", choices=("auto", "always"), default="auto")
     args = parser.parse_args()
     with server.provide(durable=True) as srv:
         url = fresh_db(srv.url)
@@ -207,25 +225,20 @@ def main() -> None:
         raw_rows, raw_s = raw_baseline(url, tenants)
         raw_rate = raw_rows / raw_s
         print(f"raw INSERT…SELECT: {raw_rows:,} rows in {raw_s:.1f} s = {raw_rate:,.0f} rows/s")
-        # The raw statement leaves gigabytes of dirty buffers: flush them first, or the
-        # checkpointer's writes land in the idle window and inflate the baseline (one run
-        # measured an idle p99 of 43 ms instead of 9 ms that way).
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CHECKPOINT")
         writers = Writers(url, tenants, args.writers)
-        writers.start()
-        time.sleep(args.idle_s)
-        idle = writers.finish()
+        idle_before = idle_window(url, writers, args.idle_s)
         writers.start()
         wal_start = wal_position(url)
-        took, rss, last = run_backfill(url, args.workers, args.target_ms)
+        took, rss, last = run_backfill(url, args.workers, args.target_ms, args.fk_check)
         busy = writers.finish()
         wal = wal_since(url, wal_start)
+        idle_after = idle_window(url, writers, args.idle_s)
+        idle = idle_before + idle_after
         assert json.loads(last)["exit_code"] == 0
         rows = table_rows(url, tenants)
         print(f"backfill: {rows:,} rows in {took:.1f} s = {rows / took:,.0f} rows/s "
               f"(workers={args.workers}, target {args.target_ms} ms, "
-              "process start included)")  # fmt: skip
+              f"fk-check {args.fk_check}, process start included)")  # fmt: skip
         print(f"  backfill WAL: {wal / 2**20:,.0f} MiB, {wal / max(rows, 1):,.0f} bytes per row "
               "(the writers' included)")  # fmt: skip
         empty(url, tenants)
@@ -238,7 +251,8 @@ def main() -> None:
               f"mean raw rate ({(rows / took) / raw_rate:.2f} and "
               f"{(rows / took) / again_rate:.2f} against each)")  # fmt: skip
         quiet, loaded = p99(idle), p99(busy)
-        print(f"writer p99 idle {quiet:.1f} ms ({len(idle)} writes), during backfill "
+        print(f"writer p99 idle {quiet:.1f} ms ({len(idle)} writes; before the backfill "
+              f"{p99(idle_before):.1f}, after {p99(idle_after):.1f}), during backfill "
               f"{loaded:.1f} ms ({len(busy)} writes): ratio {loaded / quiet:.2f}")  # fmt: skip
         for name, values in (("idle", idle), ("during backfill", busy)):
             cuts = statistics.quantiles(values, n=100)
