@@ -21,7 +21,8 @@ replica`` for that one statement PostgreSQL does not fire it: the switch that
    foreign keys from ``product_id`` to the tenant's ``products``; on ``image_events`` none
    fires on ``INSERT``. Anything else (an audit trigger, the reverse sync, the ``ON
    DELETE`` action of a foreign key *to* ``product_images``) and the batch runs with every
-   trigger, as it did before, and says so once.
+   trigger, as it did before, and says so once. So does a trigger enabled ``REPLICA``
+   only, which ``replica`` would start to fire.
 
 The setting is transaction-local (``set_config(..., true)``: gone at commit or rollback,
 whatever happens) and is put back right after the batch statement (:func:`leave`), so the
@@ -47,12 +48,13 @@ _TRY: Final = sql.SQL("SELECT current_setting({p}), set_config({p}, 'replica', t
 
 _LOCK: Final = sql.SQL("LOCK TABLE {images}, {events} IN ROW EXCLUSIVE MODE")
 
-# Triggers that would fire in the batch at 'origin' and not at 'replica', other than the
-# product_id check. tgtype bits (PostgreSQL's trigger.h): 4 INSERT, 8 DELETE, 16 UPDATE.
+# Triggers whose firing in the batch 'replica' would change, other than the product_id
+# check: enabled at 'origin' only (O: they would not fire) or at 'replica' only (R: they
+# would start to). tgtype bits (PostgreSQL's trigger.h): 4 INSERT, 8 DELETE, 16 UPDATE.
 _OTHERS: Final = sql.SQL(
     """SELECT t.tgrelid::regclass::text || ': ' || t.tgname
          FROM pg_catalog.pg_trigger t
-        WHERE t.tgenabled = 'O'
+        WHERE t.tgenabled IN ('O', 'R')
           AND ((t.tgrelid = {images}::regclass AND t.tgtype & 28 <> 0
                 AND NOT EXISTS (
                     SELECT 1 FROM pg_catalog.pg_constraint c

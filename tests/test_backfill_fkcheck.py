@@ -91,7 +91,7 @@ def test_fk_check_always_keeps_it(migrated_url: str) -> None:
     _assert_exact(migrated_url)
 
 
-# Each would be skipped along with the product_id check at 'replica'.
+# Each would be skipped along with the product_id check at 'replica', or start to fire.
 OTHER_TRIGGERS = {
     "an audit trigger on product_images": """
         CREATE TABLE public.audit (n bigint NOT NULL);
@@ -102,6 +102,12 @@ OTHER_TRIGGERS = {
     "a foreign key to product_images, ON DELETE CASCADE": """
         CREATE TABLE public.crops (
           image_id bigint REFERENCES user_1.product_images (id) ON DELETE CASCADE);""",
+    "a trigger enabled for replica only, which would start to fire": """
+        CREATE FUNCTION public.on_replica() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RETURN NULL; END $$;
+        CREATE TRIGGER on_replica AFTER INSERT ON user_1.product_images
+          FOR EACH ROW EXECUTE FUNCTION public.on_replica();
+        ALTER TABLE user_1.product_images ENABLE REPLICA TRIGGER on_replica;""",
     "an insert trigger on image_events": """
         CREATE FUNCTION public.notify_event() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN RETURN NULL; END $$;
