@@ -73,6 +73,15 @@ def exact_mismatches(
     return int(scalar(conn, query))
 
 
+def orphan_rows(conn: psycopg.Connection[Any], tenant: str) -> int:
+    """Rows whose product does not exist (what the product_id foreign key forbids)."""
+    query = sql.SQL(
+        "SELECT count(*) FROM {images} r "
+        "WHERE NOT EXISTS (SELECT 1 FROM {products} p WHERE p.id = r.product_id)"
+    ).format(images=ident(tenant, "product_images"), products=ident(tenant, "products"))
+    return int(scalar(conn, query))
+
+
 def duplicate_orders(conn: psycopg.Connection[Any], tenant: str) -> int:
     query = sql.SQL(
         'SELECT count(*) FROM (SELECT product_id, "order" FROM {} '

@@ -12,7 +12,14 @@ from structlog.testing import capture_logs
 from cdc import backfill, fkcheck
 from cdc.db import connect
 from cdc.progress import Silent
-from tests.backfill_helpers import T, duplicate_orders, exact_mismatches, scalar, set_stage
+from tests.backfill_helpers import (
+    T,
+    duplicate_orders,
+    exact_mismatches,
+    orphan_rows,
+    scalar,
+    set_stage,
+)
 
 CONFIG = backfill.BackfillConfig(batch_size=60, workers=1)
 
@@ -59,14 +66,7 @@ def _assert_exact(url: str) -> None:
     with connect(url, autocommit=True) as conn:
         assert exact_mismatches(conn, T) == 0
         assert duplicate_orders(conn, T) == 0
-        orphans = scalar(
-            conn,
-            sql.SQL(
-                "SELECT count(*) FROM user_1.product_images r "
-                "WHERE NOT EXISTS (SELECT 1 FROM user_1.products p WHERE p.id = r.product_id)"
-            ),
-        )
-        assert orphans == 0
+        assert orphan_rows(conn, T) == 0
 
 
 def test_batches_run_at_replica_and_project_exactly(migrated_url: str) -> None:
