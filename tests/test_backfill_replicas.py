@@ -66,6 +66,23 @@ def within(url: str, most: int) -> bool:
     return lag is not None and lag.bytes <= most
 
 
+def decoded_write(url: str) -> str:
+    """Commit a write a logical consumer will decode; return the WAL position after it."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("UPDATE {} SET title = title WHERE id = 1").format(
+            ident(T, "products")))  # fmt: skip
+        return str(scalar(conn, sql.SQL("SELECT pg_current_wal_lsn()::text")))
+
+
+def flushed_to(url: str, lsn: str) -> bool:
+    """A WAL consumer has reported flushing up to ``lsn``."""
+    with psycopg.connect(url) as conn:
+        query = sql.SQL(
+            "SELECT coalesce(bool_or(flush_lsn >= %s::pg_lsn), false) FROM pg_stat_replication"
+        )
+        return bool(scalar(conn, query, lsn))
+
+
 def conninfo_as(url: str, user: str) -> str:
     return psycopg.conninfo.make_conninfo(url, user=user)
 
@@ -202,7 +219,13 @@ def test_backfill_waits_for_a_stalled_logical_consumer() -> None:
                    "--status-interval", "1", "--fsync-interval", "1"]  # fmt: skip
         with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as consumer:
             try:
-                wait_until(lambda: within(url, LIMIT // 8), 60, "the consumer to catch up")
+                # Until pg_recvlogical reports a flush position, the lag is measured from
+                # the walsender's own sent_lsn, which goes on moving while the client is
+                # stopped (it once let the backfill through under load). A decoded write,
+                # then its confirmation: from then on the lag is the client's.
+                confirmed = decoded_write(url)
+                wait_until(lambda: flushed_to(url, confirmed) and within(url, LIMIT // 8),
+                           60, "the consumer to confirm a write")  # fmt: skip
                 os.kill(consumer.pid, signal.SIGSTOP)
                 held_backfill(
                     url,
