@@ -10,7 +10,12 @@ behind.
 
 Lag is measured in bytes, from ``pg_stat_replication``: for each WAL sender, the distance
 from ``pg_current_wal_lsn()`` to what its client reports as replayed (physical standby)
-or confirmed (logical consumer), else flushed, written or sent. Bytes rather than
+or confirmed (logical consumer), else flushed or written. A client that has not
+reported yet (a logical consumer's first report comes a status interval after it
+connects) counts from its replication slot's confirmed position, else from the slot's
+restart point, and only without a slot from what its sender has sent: the sent
+position goes on moving while the client stands still (a stopped ``pg_recvlogical``
+took the backfill past its limit that way in a test). Bytes rather than
 ``replay_lag``: the time columns are NULL while nothing is in flight and are an estimate,
 and a byte distance says directly how much WAL the consumer has yet to apply. The client
 reports its position when it receives WAL and at least every
@@ -36,12 +41,15 @@ from cdc.db import Conn
 DEFAULT_MAX_LAG: Final = 256 * 2**20  # bytes
 
 _FURTHEST: Final = sql.SQL(
-    """SELECT coalesce(nullif(application_name, ''), 'pid ' || pid),
+    """SELECT coalesce(nullif(r.application_name, ''), 'pid ' || r.pid),
               pg_wal_lsn_diff(pg_current_wal_lsn(),
-                              coalesce(replay_lsn, flush_lsn, write_lsn, sent_lsn))::bigint
-         FROM pg_stat_replication
-        WHERE coalesce(replay_lsn, flush_lsn, write_lsn, sent_lsn) IS NOT NULL
-          AND application_name <> ALL (%s::text[])
+                              coalesce(r.replay_lsn, r.flush_lsn, r.write_lsn,
+                                       s.confirmed_flush_lsn, s.restart_lsn,
+                                       r.sent_lsn))::bigint
+         FROM pg_stat_replication r
+         LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid
+        WHERE coalesce(r.replay_lsn, r.flush_lsn, r.write_lsn, r.sent_lsn) IS NOT NULL
+          AND r.application_name <> ALL (%s::text[])
         ORDER BY 2 DESC
         LIMIT 1"""
 )

