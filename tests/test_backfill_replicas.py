@@ -74,12 +74,12 @@ def decoded_write(url: str) -> str:
         return str(scalar(conn, sql.SQL("SELECT pg_current_wal_lsn()::text")))
 
 
-def flushed_to(url: str, lsn: str) -> bool:
-    """A WAL consumer has reported flushing up to ``lsn``."""
+def reached(url: str, position: str, lsn: str) -> bool:
+    """A WAL sender's ``position`` column (``sent_lsn``, ``flush_lsn``, ...) is at ``lsn``."""
     with psycopg.connect(url) as conn:
         query = sql.SQL(
-            "SELECT coalesce(bool_or(flush_lsn >= %s::pg_lsn), false) FROM pg_stat_replication"
-        )
+            "SELECT coalesce(bool_or({} >= %s::pg_lsn), false) FROM pg_stat_replication"
+        ).format(sql.Identifier(position))
         return bool(scalar(conn, query, lsn))
 
 
@@ -224,7 +224,7 @@ def test_backfill_waits_for_a_stalled_logical_consumer() -> None:
                 # stopped (it once let the backfill through under load). A decoded write,
                 # then its confirmation: from then on the lag is the client's.
                 confirmed = decoded_write(url)
-                wait_until(lambda: flushed_to(url, confirmed) and within(url, LIMIT // 8),
+                wait_until(lambda: reached(url, "flush_lsn", confirmed) and within(url, LIMIT // 8),
                            60, "the consumer to confirm a write")  # fmt: skip
                 os.kill(consumer.pid, signal.SIGSTOP)
                 held_backfill(
@@ -273,7 +273,7 @@ def test_a_consumer_that_has_not_reported_counts_from_its_slot() -> None:
                     )
                     after = str(scalar(conn, sql.SQL("SELECT pg_current_wal_lsn()::text")))
                 # the sender decodes and sends it all; the client reports nothing yet
-                wait_until(lambda: sent_past(url, after), 60, "the sender to send the write")
+                wait_until(lambda: reached(url, "sent_lsn", after), 60, "the sent write")
                 positions = replica_positions(url)
                 assert positions is not None
                 assert positions[1:] == (None, None)
@@ -292,13 +292,6 @@ def replica_positions(url: str) -> tuple[object, object, object] | None:
             "SELECT sent_lsn, write_lsn, flush_lsn FROM pg_stat_replication"
         ).fetchone()
     return (row[0], row[1], row[2]) if row and row[0] is not None else None
-
-
-def sent_past(url: str, lsn: str) -> bool:
-    with psycopg.connect(url) as conn:
-        query = sql.SQL("SELECT coalesce(bool_or(sent_lsn >= %s::pg_lsn), false) "
-                        "FROM pg_stat_replication")  # fmt: skip
-        return bool(scalar(conn, query, lsn))
 
 
 def test_no_standby_means_no_waiting(migrated_url: str) -> None:
