@@ -21,6 +21,12 @@ One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
 7. Print: backfill ÷ raw throughput, writer p99 during ÷ idle, peak RSS of the backfill,
    and the WAL each wrote per image row (what standbys and logical consumers must apply;
    the backfill's includes the concurrent writers' few MB).
+8. ``--repeat N`` runs steps 3-7 N times in the same database (the tenants backfilled
+   again with ``--restart`` on the emptied tables), each raw measurement serving as the
+   "after" of one backfill and the "before" of the next, and ends with the median of each
+   ratio and how many repetitions met both targets. One run of either ratio moved by a
+   fifth between runs of the same code on this machine; a median of several in one run
+   is the figure to quote.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import sys
 import threading
 import time
 from contextlib import suppress
+from dataclasses import dataclass
 
 import psutil
 import psycopg
@@ -185,11 +192,15 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
 
-def run_backfill(url: str, workers: int, target_ms: int, fk_check: str) -> tuple[float, float, str]:
+def run_backfill(
+    url: str, workers: int, target_ms: int, fk_check: str, *, restart: bool
+) -> tuple[float, float, str]:
     """Backfill as a subprocess; return (seconds, peak RSS MiB, last log line)."""
     cmd = [sys.executable, "-m", "cdc", "--log-format", "json", "--database-url", url,
            "backfill", "--all", "--workers", str(workers),
            "--target-ms", str(target_ms), "--fk-check", fk_check]  # fmt: skip
+    if restart:  # a repetition: the tenants are done, their tables emptied since
+        cmd.append("--restart")
     started = time.monotonic()
     proc = subprocess.Popen(  # noqa: S603 - our own CLI, arguments built above
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -210,6 +221,63 @@ def run_backfill(url: str, workers: int, target_ms: int, fk_check: str) -> tuple
     return took, peak / 2**20, lines[-1].strip()
 
 
+@dataclass(frozen=True)
+class Repetition:
+    """One backfill between two raw measurements, and the writers around and during it."""
+
+    throughput: float  # backfill rows/s ÷ the mean of the raw rates before and after it
+    p99_ratio: float  # writers' p99 during the backfill ÷ over both idle windows
+
+    def met(self) -> bool:
+        return self.throughput >= 0.8 and self.p99_ratio <= 2.0
+
+
+def repetition(
+    url: str, tenants: dict[str, int], writers: Writers, raw_before: float,
+    args: argparse.Namespace, *, restart: bool,
+) -> tuple[Repetition, float]:  # fmt: skip
+    """Idle window, backfill under the writers, idle window, raw again; print them all.
+
+    Returns the repetition and the raw rate measured after it (the next one's before)."""
+    idle_before = idle_window(url, writers, args.idle_s)
+    writers.start()
+    wal_start = wal_position(url)
+    took, rss, last = run_backfill(
+        url, args.workers, args.target_ms, args.fk_check, restart=restart
+    )
+    busy = writers.finish()
+    wal = wal_since(url, wal_start)
+    idle_after = idle_window(url, writers, args.idle_s)
+    idle = idle_before + idle_after
+    assert json.loads(last)["exit_code"] == 0
+    rows = table_rows(url, tenants)
+    print(f"backfill: {rows:,} rows in {took:.1f} s = {rows / took:,.0f} rows/s "
+          f"(workers={args.workers}, target {args.target_ms} ms, "
+          f"fk-check {args.fk_check}, process start included)")  # fmt: skip
+    print(f"  backfill WAL: {wal / 2**20:,.0f} MiB, {wal / max(rows, 1):,.0f} bytes per row "
+          "(the writers' included)")  # fmt: skip
+    empty(url, tenants)
+    again_rows, again_s = raw_baseline(url, tenants)
+    raw_after = again_rows / again_s
+    print(f"raw INSERT…SELECT again: {again_rows:,} rows in {again_s:.1f} s = "
+          f"{raw_after:,.0f} rows/s")  # fmt: skip
+    mean_raw = (raw_before + raw_after) / 2
+    print(f"throughput ratio backfill/raw: {(rows / took) / mean_raw:.2f} against the "
+          f"mean raw rate ({(rows / took) / raw_before:.2f} and "
+          f"{(rows / took) / raw_after:.2f} against each)")  # fmt: skip
+    quiet, loaded = p99(idle), p99(busy)
+    print(f"writer p99 idle {quiet:.1f} ms ({len(idle)} writes; before the backfill "
+          f"{p99(idle_before):.1f}, after {p99(idle_after):.1f}), during backfill "
+          f"{loaded:.1f} ms ({len(busy)} writes): ratio {loaded / quiet:.2f}")  # fmt: skip
+    for name, values in (("idle", idle), ("during backfill", busy)):
+        cuts = statistics.quantiles(values, n=100)
+        slow = sum(v > 100 for v in values) / len(values)
+        print(f"writer latency {name}: p50 {cuts[49]:.1f} ms, p90 {cuts[89]:.1f} ms, "
+              f"max {max(values):.0f} ms, over 100 ms {slow:.2%}")  # fmt: skip
+    print(f"backfill peak RSS: {rss:.0f} MiB")
+    return Repetition((rows / took) / mean_raw, loaded / quiet), raw_after
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--products", type=int, default=1_000_000)
@@ -218,7 +286,16 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=15.0)
     parser.add_argument("--target-ms", type=int, default=300)
     parser.add_argument("--fk-check", choices=("auto", "always"), default="auto")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="backfills in this run, each between two raw measurements (the raw after one "
+        "is the raw before the next); prints each, then the medians",
+    )
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     with server.provide(durable=True) as srv:
         url = fresh_db(srv.url)
         tenants = prepare(url, args.products)
@@ -226,40 +303,21 @@ def main() -> None:
         raw_rate = raw_rows / raw_s
         print(f"raw INSERT…SELECT: {raw_rows:,} rows in {raw_s:.1f} s = {raw_rate:,.0f} rows/s")
         writers = Writers(url, tenants, args.writers)
-        idle_before = idle_window(url, writers, args.idle_s)
-        writers.start()
-        wal_start = wal_position(url)
-        took, rss, last = run_backfill(url, args.workers, args.target_ms, args.fk_check)
-        busy = writers.finish()
-        wal = wal_since(url, wal_start)
-        idle_after = idle_window(url, writers, args.idle_s)
-        idle = idle_before + idle_after
-        assert json.loads(last)["exit_code"] == 0
-        rows = table_rows(url, tenants)
-        print(f"backfill: {rows:,} rows in {took:.1f} s = {rows / took:,.0f} rows/s "
-              f"(workers={args.workers}, target {args.target_ms} ms, "
-              f"fk-check {args.fk_check}, process start included)")  # fmt: skip
-        print(f"  backfill WAL: {wal / 2**20:,.0f} MiB, {wal / max(rows, 1):,.0f} bytes per row "
-              "(the writers' included)")  # fmt: skip
-        empty(url, tenants)
-        again_rows, again_s = raw_baseline(url, tenants)
-        again_rate = again_rows / again_s
-        print(f"raw INSERT…SELECT again: {again_rows:,} rows in {again_s:.1f} s = "
-              f"{again_rate:,.0f} rows/s")  # fmt: skip
-        mean_raw = (raw_rate + again_rate) / 2
-        print(f"throughput ratio backfill/raw: {(rows / took) / mean_raw:.2f} against the "
-              f"mean raw rate ({(rows / took) / raw_rate:.2f} and "
-              f"{(rows / took) / again_rate:.2f} against each)")  # fmt: skip
-        quiet, loaded = p99(idle), p99(busy)
-        print(f"writer p99 idle {quiet:.1f} ms ({len(idle)} writes; before the backfill "
-              f"{p99(idle_before):.1f}, after {p99(idle_after):.1f}), during backfill "
-              f"{loaded:.1f} ms ({len(busy)} writes): ratio {loaded / quiet:.2f}")  # fmt: skip
-        for name, values in (("idle", idle), ("during backfill", busy)):
-            cuts = statistics.quantiles(values, n=100)
-            slow = sum(v > 100 for v in values) / len(values)
-            print(f"writer latency {name}: p50 {cuts[49]:.1f} ms, p90 {cuts[89]:.1f} ms, "
-                  f"max {max(values):.0f} ms, over 100 ms {slow:.2%}")  # fmt: skip
-        print(f"backfill peak RSS: {rss:.0f} MiB")
+        reps: list[Repetition] = []
+        for n in range(args.repeat):
+            if args.repeat > 1:
+                print(f"--- repetition {n + 1} of {args.repeat}")
+            rep, raw_rate = repetition(url, tenants, writers, raw_rate, args, restart=n > 0)
+            reps.append(rep)
+        if args.repeat > 1:
+            print(
+                f"medians of {len(reps)}: throughput ratio "
+                f"{statistics.median(r.throughput for r in reps):.2f} "
+                f"({', '.join(f'{r.throughput:.2f}' for r in reps)}), writer p99 ratio "
+                f"{statistics.median(r.p99_ratio for r in reps):.2f} "
+                f"({', '.join(f'{r.p99_ratio:.2f}' for r in reps)}); both targets met in "
+                f"{sum(r.met() for r in reps)} of {len(reps)}"
+            )
 
 
 if __name__ == "__main__":
