@@ -32,7 +32,7 @@ from cdc.cli_common import (
 )
 from cdc.db import connect
 from cdc.errors import ConflictingOptionsError, ImgmigError
-from cdc.pacing import BatchSizer
+from cdc.pacing import DEFAULT_TARGET_MS, BatchSizer
 
 log = structlog.get_logger("cdc.cli")
 
@@ -69,7 +69,9 @@ def backfill(  # noqa: PLR0917 - Typer derives options from parameters
         typer.Option(min=1, help="At most this many image rows/s per tenant."),
     ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Tenants in parallel.")] = 2,
-    target_ms: Annotated[int, typer.Option(min=10, help="Target batch duration.")] = 300,
+    target_ms: Annotated[
+        int, typer.Option(min=10, help="Target batch duration (how long its row locks last).")
+    ] = DEFAULT_TARGET_MS,
     label_strategy: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option(

@@ -17,6 +17,13 @@ def test_batch_shrinks_when_batches_are_slow() -> None:
     assert sizer.next(1000, 5.0) == 500
 
 
+def test_default_batches_aim_at_100_ms() -> None:
+    """By default a batch (and its row locks) aims at 100 ms: a 150 ms batch shrinks to
+    two thirds, a 50 ms one doubles."""
+    assert BatchSizer().next(3000, 0.15) == 2000
+    assert BatchSizer().next(3000, 0.05) == 6000
+
+
 def test_batch_size_stays_within_bounds() -> None:
     """The size never leaves [minimum, maximum]."""
     sizer = BatchSizer(target_s=0.3, minimum=10, maximum=2000)
