@@ -20,7 +20,9 @@ One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
    (checkpoints), so the ratio uses the mean of the two, and both are printed.
 7. Print: backfill ÷ raw throughput, writer p99 during ÷ idle, peak RSS of the backfill,
    and the WAL each wrote per image row (what standbys and logical consumers must apply;
-   the backfill's includes the concurrent writers' few MB).
+   the backfill's includes the concurrent writers' few MB), and from ``pg_stat_wal`` over
+   the backfill's window its full-page images and how often a backend found the WAL
+   buffers full (and so wrote them out itself).
 8. ``--repeat N`` runs steps 3-7 N times in the same database (the tenants backfilled
    again with ``--restart`` on the emptied tables), each raw measurement serving as the
    "after" of one backfill and the "before" of the next, and ends with the median of each
@@ -47,6 +49,7 @@ import psycopg
 from psycopg import sql
 
 from cdc import migrate, server, stage
+from cdc.pacing import DEFAULT_TARGET_MS
 from cdc.seed import SeedConfig, seed
 
 DB = "imgmig_backfill_bench"
@@ -106,6 +109,14 @@ def wal_since(url: str, start: str) -> int:
             "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s::pg_lsn)::bigint", (start,)
         ).fetchone()
         return int(row[0]) if row else 0
+
+
+def wal_counters(url: str) -> tuple[int, int]:
+    """``pg_stat_wal``'s full-page images and times a backend found the WAL buffers full
+    (both cumulative; PostgreSQL 14 onwards)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT wal_fpi, wal_buffers_full FROM pg_stat_wal").fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
 def raw_baseline(url: str, tenants: dict[str, int]) -> tuple[int, float]:
@@ -245,12 +256,13 @@ def repetition(
     Returns the repetition and the raw rate measured after it (the next one's before)."""
     idle_before = idle_window(url, writers, args.idle_s)
     writers.start()
-    wal_start = wal_position(url)
+    wal_start, counters = wal_position(url), wal_counters(url)
     took, rss, last = run_backfill(
         url, args.workers, args.target_ms, args.fk_check, restart=restart
     )
     busy = writers.finish()
     wal = wal_since(url, wal_start)
+    fpi, buffers_full = (b - a for a, b in zip(counters, wal_counters(url), strict=True))
     idle_after = idle_window(url, writers, args.idle_s)
     idle = idle_before + idle_after
     assert json.loads(last)["exit_code"] == 0
@@ -260,7 +272,8 @@ def repetition(
           f"(workers={args.workers}, target {args.target_ms} ms, "
           f"fk-check {args.fk_check}, process start included)")  # fmt: skip
     print(f"  backfill WAL: {wal / 2**20:,.0f} MiB, {wal / max(rows, 1):,.0f} bytes per row "
-          "(the writers' included)")  # fmt: skip
+          f"(the writers' included); {fpi:,} full-page images, WAL buffers found full "
+          f"{buffers_full:,} times")  # fmt: skip
     empty(url, tenants)
     again_rows, again_s = raw_baseline(url, tenants)
     raw_after = again_rows / again_s
@@ -289,7 +302,7 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--idle-s", type=float, default=15.0)
-    parser.add_argument("--target-ms", type=int, default=300)
+    parser.add_argument("--target-ms", type=int, default=DEFAULT_TARGET_MS)
     parser.add_argument("--fk-check", choices=("auto", "always"), default="auto")
     parser.add_argument(
         "--repeat",
