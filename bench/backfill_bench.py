@@ -18,12 +18,16 @@ One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
    both idle windows together, and prints each.
 6. Raw baseline again, on the emptied tables: the raw rate moves by ±20% between runs
    (checkpoints), so the ratio uses the mean of the two, and both are printed.
-7. Print: backfill ÷ raw throughput, writer p99 during ÷ idle, peak RSS of the backfill,
+7. ``CHECKPOINT``, then the raw statement a third time, with the writers running: their p99
+   during it ÷ idle is the same ratio for the issue's own throughput reference, which
+   takes no lock and logs no event: what writing these rows at that rate costs the
+   writers, whatever writes them. The reference for the backfill's own p99 ratio.
+8. Print: backfill ÷ raw throughput, writer p99 during ÷ idle, peak RSS of the backfill,
    and the WAL each wrote per image row (what standbys and logical consumers must apply;
    the backfill's includes the concurrent writers' few MB), and from ``pg_stat_wal`` over
    the backfill's window its full-page images and how often a backend found the WAL
    buffers full (and so wrote them out itself).
-8. ``--repeat N`` runs steps 3-7 N times in the same database (the tenants backfilled
+9. ``--repeat N`` runs steps 3-8 N times in the same database (the tenants backfilled
    again with ``--restart`` on the emptied tables), each raw measurement serving as the
    "after" of one backfill and the "before" of the next, and ends with the median of each
    ratio and how many repetitions met both targets. One run of either ratio moved by a
@@ -119,7 +123,21 @@ def wal_counters(url: str) -> tuple[int, int]:
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
-def raw_baseline(url: str, tenants: dict[str, int]) -> tuple[int, float]:
+def raw_baseline(
+    url: str, tenants: dict[str, int], writers: Writers | None = None
+) -> tuple[int, float, list[float]]:
+    """The raw statement per tenant, timed; then the tables emptied.
+
+    With ``writers``, they run while it does (after a ``CHECKPOINT``, as for the idle
+    windows) and their latencies are returned: what writing these rows at the raw
+    statement's own rate, with no lock and no event, does to them. (``product_id,
+    "order"`` is not unique, so the rows the writers' capture projects meanwhile only
+    add duplicates, emptied with the rest.)
+    """
+    if writers is not None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+        writers.start()
     rows, started = 0, time.monotonic()
     wal_start = wal_position(url)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -130,10 +148,11 @@ def raw_baseline(url: str, tenants: dict[str, int]) -> tuple[int, float]:
             )
             rows += conn.execute(stmt).rowcount
         took = time.monotonic() - started
+    latencies = writers.finish() if writers is not None else []
     wal = wal_since(url, wal_start)
     print(f"  raw WAL: {wal / 2**20:,.0f} MiB, {wal / max(rows, 1):,.0f} bytes per row")
     empty(url, tenants)
-    return rows, took
+    return rows, took, latencies
 
 
 def empty(url: str, tenants: dict[str, int]) -> None:
@@ -207,13 +226,13 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
 
-def run_backfill(
-    url: str, workers: int, target_ms: int, fk_check: str, *, restart: bool
-) -> tuple[float, float, str]:
+def run_backfill(url: str, args: argparse.Namespace, *, restart: bool) -> tuple[float, float, str]:
     """Backfill as a subprocess; return (seconds, peak RSS MiB, last log line)."""
     cmd = [sys.executable, "-m", "cdc", "--log-format", "json", "--database-url", url,
-           "backfill", "--all", "--workers", str(workers),
-           "--target-ms", str(target_ms), "--fk-check", fk_check]  # fmt: skip
+           "backfill", "--all", "--workers", str(args.workers),
+           "--target-ms", str(args.target_ms), "--fk-check", args.fk_check]  # fmt: skip
+    if args.max_rate is not None:
+        cmd += ["--max-rate", str(args.max_rate)]
     if restart:  # a repetition: the tenants are done, their tables emptied since
         cmd.append("--restart")
     started = time.monotonic()
@@ -236,12 +255,20 @@ def run_backfill(
     return took, peak / 2**20, lines[-1].strip()
 
 
+def describe(name: str, latencies: list[float]) -> None:
+    cuts = statistics.quantiles(latencies, n=100)
+    slow = sum(v > 100 for v in latencies) / len(latencies)
+    print(f"writer latency {name}: p50 {cuts[49]:.1f} ms, p90 {cuts[89]:.1f} ms, "
+          f"max {max(latencies):.0f} ms, over 100 ms {slow:.2%}")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Repetition:
     """One backfill between two raw measurements, and the writers around and during it."""
 
     throughput: float  # backfill rows/s ÷ the mean of the raw rates before and after it
     p99_ratio: float  # writers' p99 during the backfill ÷ over both idle windows
+    raw_p99_ratio: float  # writers' p99 during the raw statement ÷ the same idle p99
 
     def met(self) -> bool:
         return self.throughput >= THROUGHPUT_TARGET and self.p99_ratio <= P99_TARGET
@@ -257,9 +284,7 @@ def repetition(
     idle_before = idle_window(url, writers, args.idle_s)
     writers.start()
     wal_start, counters = wal_position(url), wal_counters(url)
-    took, rss, last = run_backfill(
-        url, args.workers, args.target_ms, args.fk_check, restart=restart
-    )
+    took, rss, last = run_backfill(url, args, restart=restart)
     busy = writers.finish()
     wal = wal_since(url, wal_start)
     fpi, buffers_full = (b - a for a, b in zip(counters, wal_counters(url), strict=True))
@@ -269,13 +294,14 @@ def repetition(
     rows = table_rows(url, tenants)
     rate = rows / took
     print(f"backfill: {rows:,} rows in {took:.1f} s = {rate:,.0f} rows/s "
-          f"(workers={args.workers}, target {args.target_ms} ms, "
-          f"fk-check {args.fk_check}, process start included)")  # fmt: skip
+          f"(workers={args.workers}, target {args.target_ms} ms, max rate "
+          f"{args.max_rate or 'none'}, fk-check {args.fk_check}, process start "
+          f"included)")  # fmt: skip
     print(f"  backfill WAL: {wal / 2**20:,.0f} MiB, {wal / max(rows, 1):,.0f} bytes per row "
           f"(the writers' included); {fpi:,} full-page images, WAL buffers found full "
           f"{buffers_full:,} times")  # fmt: skip
     empty(url, tenants)
-    again_rows, again_s = raw_baseline(url, tenants)
+    again_rows, again_s, _ = raw_baseline(url, tenants)
     raw_after = again_rows / again_s
     print(f"raw INSERT…SELECT again: {again_rows:,} rows in {again_s:.1f} s = "
           f"{raw_after:,.0f} rows/s")  # fmt: skip
@@ -287,13 +313,16 @@ def repetition(
     print(f"writer p99 idle {quiet:.1f} ms ({len(idle)} writes; before the backfill "
           f"{p99(idle_before):.1f}, after {p99(idle_after):.1f}), during backfill "
           f"{loaded:.1f} ms ({len(busy)} writes): ratio {loaded / quiet:.2f}")  # fmt: skip
-    for name, values in (("idle", idle), ("during backfill", busy)):
-        cuts = statistics.quantiles(values, n=100)
-        slow = sum(v > 100 for v in values) / len(values)
-        print(f"writer latency {name}: p50 {cuts[49]:.1f} ms, p90 {cuts[89]:.1f} ms, "
-              f"max {max(values):.0f} ms, over 100 ms {slow:.2%}")  # fmt: skip
+    describe("idle", idle)
+    describe("during backfill", busy)
+    under_rows, under_s, under = raw_baseline(url, tenants, writers)
+    print(f"raw INSERT…SELECT under the writers: {under_rows / under_s:,.0f} rows/s; "
+          f"writer p99 during it {p99(under):.1f} ms ({len(under)} writes): ratio "
+          f"{p99(under) / quiet:.2f}, what the same rows written at the raw rate, with no "
+          f"lock and no event, cost the writers")  # fmt: skip
+    describe("during the raw statement", under)
     print(f"backfill peak RSS: {rss:.0f} MiB")
-    return Repetition(rate / mean_raw, loaded / quiet), raw_after
+    return Repetition(rate / mean_raw, loaded / quiet, p99(under) / quiet), raw_after
 
 
 def main() -> None:
@@ -304,6 +333,9 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=15.0)
     parser.add_argument("--target-ms", type=int, default=DEFAULT_TARGET_MS)
     parser.add_argument("--fk-check", choices=("auto", "always"), default="auto")
+    parser.add_argument(
+        "--max-rate", type=float, help="the backfill's --max-rate: image rows/s per tenant"
+    )
     parser.add_argument(
         "--repeat",
         type=int,
@@ -317,7 +349,7 @@ def main() -> None:
     with server.provide(durable=True) as srv:
         url = fresh_db(srv.url)
         tenants = prepare(url, args.products)
-        raw_rows, raw_s = raw_baseline(url, tenants)
+        raw_rows, raw_s, _ = raw_baseline(url, tenants)
         raw_rate = raw_rows / raw_s
         print(f"raw INSERT…SELECT: {raw_rows:,} rows in {raw_s:.1f} s = {raw_rate:,.0f} rows/s")
         writers = Writers(url, tenants, args.writers)
@@ -334,7 +366,9 @@ def main() -> None:
                 f"({', '.join(f'{r.throughput:.2f}' for r in reps)}), writer p99 ratio "
                 f"{statistics.median(r.p99_ratio for r in reps):.2f} "
                 f"({', '.join(f'{r.p99_ratio:.2f}' for r in reps)}); both targets met in "
-                f"{sum(r.met() for r in reps)} of {len(reps)}"
+                f"{sum(r.met() for r in reps)} of {len(reps)}; writer p99 ratio during the "
+                f"raw statement {statistics.median(r.raw_p99_ratio for r in reps):.2f} "
+                f"({', '.join(f'{r.raw_p99_ratio:.2f}' for r in reps)})"
             )
 
 
