@@ -21,7 +21,9 @@ One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
 7. ``CHECKPOINT``, then the raw statement a third time, with the writers running: their p99
    during it ÷ idle is the same ratio for the issue's own throughput reference, which
    takes no lock and logs no event: what writing these rows at that rate costs the
-   writers, whatever writes them. The reference for the backfill's own p99 ratio.
+   writers, whatever writes them. The reference for the backfill's own p99 ratio. With
+   ``--workers`` > 1, a fourth time, the tenants' statements in that many connections at
+   once, as the backfill's workers run: the same for as many busy server processes.
 8. Print: backfill ÷ raw throughput, writer p99 during ÷ idle, peak RSS of the backfill,
    and the WAL each wrote per image row (what standbys and logical consumers must apply;
    the backfill's includes the concurrent writers' few MB), and from ``pg_stat_wal`` over
@@ -124,7 +126,7 @@ def wal_counters(url: str) -> tuple[int, int]:
 
 
 def raw_baseline(
-    url: str, tenants: dict[str, int], writers: Writers | None = None
+    url: str, tenants: dict[str, int], writers: Writers | None = None, connections: int = 1
 ) -> tuple[int, float, list[float]]:
     """The raw statement per tenant, timed; then the tables emptied.
 
@@ -132,23 +134,46 @@ def raw_baseline(
     windows) and their latencies are returned: what writing these rows at the raw
     statement's own rate, with no lock and no event, does to them. (``product_id,
     "order"`` is not unique, so the rows the writers' capture projects meanwhile only
-    add duplicates, emptied with the rest.)
+    add duplicates, emptied with the rest.) ``connections`` > 1 runs the tenants' statements
+    that many at a time, each connection taking the next tenant, as the backfill's workers do.
     """
     if writers is not None:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CHECKPOINT")
         writers.start()
-    rows, started = 0, time.monotonic()
+    queue = list(tenants)
+    counts: list[int] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def insert_all() -> None:
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                while True:
+                    with lock:
+                        if not queue:
+                            return
+                        tenant = queue.pop(0)
+                    stmt = sql.SQL(RAW).format(
+                        images=sql.Identifier(tenant, "product_images"),
+                        products=sql.Identifier(tenant, "products"),
+                    )
+                    counts.append(conn.execute(stmt).rowcount)
+        except BaseException as exc:  # re-raised by the caller, after the writers stop
+            failures.append(exc)
+
+    started = time.monotonic()
     wal_start = wal_position(url)
-    with psycopg.connect(url, autocommit=True) as conn:
-        for tenant in tenants:
-            stmt = sql.SQL(RAW).format(
-                images=sql.Identifier(tenant, "product_images"),
-                products=sql.Identifier(tenant, "products"),
-            )
-            rows += conn.execute(stmt).rowcount
-        took = time.monotonic() - started
+    threads = [threading.Thread(target=insert_all) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.monotonic() - started
     latencies = writers.finish() if writers is not None else []
+    if failures:
+        raise failures[0]
+    rows = sum(counts)
     wal = wal_since(url, wal_start)
     print(f"  raw WAL: {wal / 2**20:,.0f} MiB, {wal / max(rows, 1):,.0f} bytes per row")
     empty(url, tenants)
@@ -269,6 +294,7 @@ class Repetition:
     throughput: float  # backfill rows/s ÷ the mean of the raw rates before and after it
     p99_ratio: float  # writers' p99 during the backfill ÷ over both idle windows
     raw_p99_ratio: float  # writers' p99 during the raw statement ÷ the same idle p99
+    parallel_p99_ratio: float | None = None  # the same, the raw in --workers connections
 
     def met(self) -> bool:
         return self.throughput >= THROUGHPUT_TARGET and self.p99_ratio <= P99_TARGET
@@ -315,14 +341,24 @@ def repetition(
           f"{loaded:.1f} ms ({len(busy)} writes): ratio {loaded / quiet:.2f}")  # fmt: skip
     describe("idle", idle)
     describe("during backfill", busy)
-    under_rows, under_s, under = raw_baseline(url, tenants, writers)
-    print(f"raw INSERT…SELECT under the writers: {under_rows / under_s:,.0f} rows/s; "
-          f"writer p99 during it {p99(under):.1f} ms ({len(under)} writes): ratio "
-          f"{p99(under) / quiet:.2f}, what the same rows written at the raw rate, with no "
-          f"lock and no event, cost the writers")  # fmt: skip
-    describe("during the raw statement", under)
+    references = [raw_reference(url, tenants, writers, quiet, 1)]
+    if args.workers > 1:
+        references.append(raw_reference(url, tenants, writers, quiet, args.workers))
     print(f"backfill peak RSS: {rss:.0f} MiB")
-    return Repetition(rate / mean_raw, loaded / quiet, p99(under) / quiet), raw_after
+    return Repetition(rate / mean_raw, loaded / quiet, *references), raw_after
+
+
+def raw_reference(
+    url: str, tenants: dict[str, int], writers: Writers, quiet: float, connections: int
+) -> float:
+    """The raw statement in ``connections`` under the writers; their p99 ratio to ``quiet``."""
+    rows, took, under = raw_baseline(url, tenants, writers, connections)
+    ratio = p99(under) / quiet
+    print(f"raw INSERT…SELECT in {connections} connection(s) under the writers: "
+          f"{rows / took:,.0f} rows/s; writer p99 during it {p99(under):.1f} ms "
+          f"({len(under)} writes): ratio {ratio:.2f}")  # fmt: skip
+    describe(f"during the raw statement in {connections} connection(s)", under)
+    return ratio
 
 
 def main() -> None:
@@ -370,6 +406,13 @@ def main() -> None:
                 f"raw statement {statistics.median(r.raw_p99_ratio for r in reps):.2f} "
                 f"({', '.join(f'{r.raw_p99_ratio:.2f}' for r in reps)})"
             )
+            parallel = [r.parallel_p99_ratio for r in reps if r.parallel_p99_ratio is not None]
+            if parallel:
+                print(
+                    f"writer p99 ratio during the raw statement in {args.workers} "
+                    f"connections: median {statistics.median(parallel):.2f} "
+                    f"({', '.join(f'{r:.2f}' for r in parallel)})"
+                )
 
 
 if __name__ == "__main__":
