@@ -78,10 +78,6 @@ WRITE = (
 )
 
 
-def fresh_db(base: str) -> str:
-    return server.fresh_database(base, DB)
-
-
 def prepare(url: str, products: int) -> dict[str, int]:
     started = time.monotonic()
     with psycopg.connect(url) as conn:
@@ -196,11 +192,14 @@ class Writers:
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        """Start the writers; returns once each is connected, about to write."""
         self.stop.clear()
         self.latencies = []
-        self.threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(self.n)]
+        ready = threading.Barrier(self.n + 1)
+        self.threads = [threading.Thread(target=self._loop, args=(i, ready)) for i in range(self.n)]
         for t in self.threads:
             t.start()
+        ready.wait()
 
     def finish(self) -> list[float]:
         self.stop.set()
@@ -208,17 +207,19 @@ class Writers:
             t.join()
         return self.latencies
 
-    def _loop(self, seed_no: int) -> None:
+    def _loop(self, seed_no: int, ready: threading.Barrier) -> None:
         rng = random.Random(seed_no)
         names = list(self.tenants)
         with psycopg.connect(self.url, autocommit=True) as conn:
-            while not self.stop.is_set():
+            ready.wait()
+            while True:  # at least one write each, however short the window
                 tenant = rng.choice(names)
                 stmt = sql.SQL(WRITE).format(products=sql.Identifier(tenant, "products"))
                 began = time.perf_counter()
                 conn.execute(stmt, (rng.randint(1, self.tenants[tenant]),))
                 self.latencies.append((time.perf_counter() - began) * 1000)
-                time.sleep(0.02)
+                if self.stop.wait(0.02):
+                    return
 
 
 def idle_window(url: str, writers: Writers, seconds: float) -> list[float]:
@@ -247,8 +248,13 @@ def table_rows(url: str, tenants: dict[str, int]) -> int:
         return total
 
 
+def percentiles(values: list[float]) -> list[float]:
+    """The 99 cut points of ``values`` (one write: itself, 99 times)."""
+    return statistics.quantiles(values, n=100) if len(values) > 1 else values * 99
+
+
 def p99(values: list[float]) -> float:
-    return statistics.quantiles(values, n=100)[98]
+    return percentiles(values)[98]
 
 
 def run_backfill(url: str, args: argparse.Namespace, *, restart: bool) -> tuple[float, float, str]:
@@ -281,7 +287,7 @@ def run_backfill(url: str, args: argparse.Namespace, *, restart: bool) -> tuple[
 
 
 def describe(name: str, latencies: list[float]) -> None:
-    cuts = statistics.quantiles(latencies, n=100)
+    cuts = percentiles(latencies)
     slow = sum(v > 100 for v in latencies) / len(latencies)
     print(f"writer latency {name}: p50 {cuts[49]:.1f} ms, p90 {cuts[89]:.1f} ms, "
           f"max {max(latencies):.0f} ms, over 100 ms {slow:.2%}")  # fmt: skip
@@ -364,6 +370,7 @@ def raw_reference(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--products", type=int, default=1_000_000)
+    parser.add_argument("--database", default=DB, help="scratch database, dropped and created")
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--idle-s", type=float, default=15.0)
@@ -383,7 +390,7 @@ def main() -> None:
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     with server.provide(durable=True) as srv:
-        url = fresh_db(srv.url)
+        url = server.fresh_database(srv.url, args.database)
         tenants = prepare(url, args.products)
         raw_rows, raw_s, _ = raw_baseline(url, tenants)
         raw_rate = raw_rows / raw_s

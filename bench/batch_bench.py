@@ -48,11 +48,12 @@ def batch_ms(conn: psycopg.Connection[tuple[object, ...]], after: int, size: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--products", type=int, default=60_000)
+    parser.add_argument("--database", default=DB, help="scratch database, dropped and created")
     parser.add_argument("--batch", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
     with server.provide(os.environ.get("DATABASE_URL")) as srv:
-        url = server.fresh_database(srv.url, DB)
+        url = server.fresh_database(srv.url, args.database)
         with psycopg.connect(url) as conn:
             seed(conn, SeedConfig(tenants=1, products=args.products, labels=0, seed=1))
         migrate.upgrade(url, tenants=[TENANT])

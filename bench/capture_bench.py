@@ -230,9 +230,9 @@ def statement_rate(url: str, statements: int, max_id: int, seed: int) -> float:
     return statements / took
 
 
-def prepare(base_url: str, products: int) -> str:
+def prepare(base_url: str, products: int, database: str = DB) -> str:
     """A fresh database: seeded, migrated, backfilled; returns its URL."""
-    url = server.fresh_database(base_url, DB)
+    url = server.fresh_database(base_url, database)
     with psycopg.connect(url) as conn:
         seed(conn, SeedConfig(tenants=1, products=products, labels=products // 5, seed=1))
     migrate.upgrade(url, tenants=[TENANT])
@@ -339,6 +339,7 @@ def set_mode(url: str, mode: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--products", type=int, default=100_000)
+    parser.add_argument("--database", default=DB, help="scratch database, dropped and created")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=4)
@@ -363,7 +364,7 @@ def main() -> None:
     modes = AB_MODES if args.ab else MODES
     with server.provide(os.environ.get("DATABASE_URL"), durable=True, logical=args.logical) as srv:
         print(f"server: {srv.kind}; preparing {args.products} products ...", flush=True)
-        url = prepare(srv.url, args.products)
+        url = prepare(srv.url, args.products, args.database)
         with psycopg.connect(url) as conn:
             version = conn.execute("SHOW server_version").fetchone()
             durability = conn.execute(

@@ -29,8 +29,8 @@ DB = "imgmig_label_refresh_bench"
 TENANT = "user_1"
 
 
-def prepare(base_url: str, products: int) -> str:
-    url = server.fresh_database(base_url, DB)
+def prepare(base_url: str, products: int, database: str = DB) -> str:
+    url = server.fresh_database(base_url, database)
     with psycopg.connect(url) as conn:
         seed(conn, SeedConfig(tenants=1, products=products, labels=products // 5, seed=1))
     migrate.upgrade(url, tenants=[TENANT])
@@ -47,9 +47,10 @@ def prepare(base_url: str, products: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--products", type=int, default=100_000)
+    parser.add_argument("--database", default=DB, help="scratch database, dropped and created")
     args = parser.parse_args()
     with server.provide(durable=True) as srv:
-        url = prepare(srv.url, args.products)
+        url = prepare(srv.url, args.products, args.database)
         with psycopg.connect(url, autocommit=True) as conn:
             for pid in (1, args.products // 2, args.products):
                 with conn.transaction():
@@ -65,7 +66,7 @@ def main() -> None:
                       f"{args.products:,} products (labels moved: {moved_n})")  # fmt: skip
         admin_url = server.with_database(srv.url, "postgres")
         with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(DB)))
+            admin.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(args.database)))
 
 
 if __name__ == "__main__":

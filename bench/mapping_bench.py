@@ -81,12 +81,13 @@ def batch_ms(conn: psycopg.Connection[tuple[object, ...]]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--products", type=int, default=20_000)
+    parser.add_argument("--database", default=DB, help="scratch database, dropped and created")
     parser.add_argument("--calls", type=int, default=5_000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     previous, current = MAPPINGS[-2], MAPPINGS[-1]
     with server.provide(os.environ.get("DATABASE_URL")) as srv:
-        url = server.fresh_database(srv.url, DB)
+        url = server.fresh_database(srv.url, args.database)
         with psycopg.connect(url, autocommit=True) as conn:
             seed(conn, SeedConfig(tenants=1, products=args.products, labels=0, seed=1))
             capture.install_sql(conn)
