@@ -19,7 +19,7 @@ from sqlalchemy import Table, select
 
 from cdc.errors import ProductNotFoundError
 from services.image_service import ProductImageService
-from services.image_types import ImageView
+from services.image_types import LABEL_COPY, ImageView, label_copies, without_labels
 from services.models import Product
 
 VINTED_MAX_PHOTOS = 20
@@ -49,7 +49,13 @@ class Conversion:
 
 
 def _publishable(photos: Sequence[ImageView]) -> list[ImageView]:
-    return sorted((p for p in photos if not p.is_label), key=lambda p: p.order)
+    """The photos in order, without the label or a copy of its url."""
+    return sorted(without_labels(photos), key=lambda p: p.order)
+
+
+def _copies(photos: Sequence[ImageView]) -> list[tuple[str, str]]:
+    """The label's copies, reported as skipped (the flagged label itself is not a photo)."""
+    return [(p.url, LABEL_COPY) for p in sorted(label_copies(photos), key=lambda p: p.order)]
 
 
 def vinted_item(product: ProductInfo, photos: Sequence[ImageView]) -> Conversion:
@@ -64,7 +70,8 @@ def vinted_item(product: ProductInfo, photos: Sequence[ImageView]) -> Conversion
           "photos": [{"url": "https://…", "position": 0}, …]   # in order, at most 20
         }
 
-    Labels are never included; photos past the 20th are skipped and reported.
+    Labels are never included, nor a copy of the label's url; copies and photos past
+    the 20th are skipped and reported.
     """
     ordered = _publishable(photos)
     kept, extra = ordered[:VINTED_MAX_PHOTOS], ordered[VINTED_MAX_PHOTOS:]
@@ -79,7 +86,10 @@ def vinted_item(product: ProductInfo, photos: Sequence[ImageView]) -> Conversion
         "price": price,
         "photos": [{"url": p.url, "position": i} for i, p in enumerate(kept)],
     }
-    skipped = tuple((p.url, f"Vinted takes at most {VINTED_MAX_PHOTOS} photos") for p in extra)
+    skipped = (
+        *_copies(photos),
+        *((p.url, f"Vinted takes at most {VINTED_MAX_PHOTOS} photos") for p in extra),
+    )
     return Conversion(marketplace="vinted", payload=payload, skipped=skipped)
 
 
@@ -100,10 +110,10 @@ def ebay_inventory_item(product: ProductInfo, photos: Sequence[ImageView]) -> Co
           }
         }
 
-    Labels are never included; non-https photos and photos past the 24th are skipped
-    and reported.
+    Labels are never included, nor a copy of the label's url; copies, non-https photos
+    and photos past the 24th are skipped and reported.
     """
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = _copies(photos)
     urls: list[str] = []
     for photo in _publishable(photos):
         if not photo.url.lower().startswith("https://"):

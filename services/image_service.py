@@ -38,7 +38,13 @@ from cdc.errors import (
 )
 from cdc.stage import Stage
 from services import shadow
-from services.image_types import ImageView, ServiceSettings, fallback_id, product_of_fallback
+from services.image_types import (
+    ImageView,
+    ServiceSettings,
+    fallback_id,
+    product_of_fallback,
+    without_labels,
+)
 from services.image_types import validate_new_image as validate
 from services.stores import (
     JsonbStore,
@@ -83,8 +89,9 @@ class ProductImageService:
         return views
 
     def get_product_photos(self, product_id: int) -> list[ImageView]:
-        """The product's photos in order: every image except the label."""
-        return [v for v in self.list_images(product_id) if not v.is_label]
+        """The product's photos in order: every image except the label and any copy of it
+        (the same url again, which only one row can flag)."""
+        return without_labels(self.list_images(product_id))
 
     def get_label_image(self, product_id: int) -> ImageView | None:
         """The product's label image, if it has one."""

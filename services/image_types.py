@@ -7,7 +7,7 @@ can answer 422 with a precise body and nothing is written.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -58,6 +58,26 @@ class ImageView:
     height: int | None = None
     created_at: datetime | None = None
     raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+
+LABEL_COPY = "a copy of the product's label (same url)"
+
+
+def label_copies(views: Sequence[ImageView]) -> list[ImageView]:
+    """The views that are not flagged ``is_label`` but show the label: its url again.
+
+    One row per product can carry ``is_label`` (a unique index), but a legacy array can
+    name the label's url twice (an old client that appended it again). Each copy is the
+    same picture, so publishing any copy publishes the label.
+    """
+    label_urls = {v.url for v in views if v.is_label}
+    return [v for v in views if not v.is_label and v.url in label_urls]
+
+
+def without_labels(views: Sequence[ImageView]) -> list[ImageView]:
+    """The photos: every view but the label and its copies (:func:`label_copies`)."""
+    label_urls = {v.url for v in views if v.is_label}
+    return [v for v in views if not v.is_label and v.url not in label_urls]
 
 
 def fallback_id(product_id: int, url: str, rank: int) -> int:

@@ -4,6 +4,7 @@ other side synced by the triggers, and changes that survive moving forward and b
 from __future__ import annotations
 
 import pytest
+from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 
 from cdc.stage import Stage
@@ -153,3 +154,21 @@ def test_contracted_stage_works_without_the_jsonb_column(conn: PG, migrated_url:
         with service(engine, T) as svc:
             assert [p.url for p in svc.get_product_photos(12)] == start[::-1][:-1]
             assert svc.get_label_image(12) == svc.list_images(12)[0]
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=[s.value for s in STAGES])
+def test_a_copy_of_the_label_is_not_a_photo(conn: PG, migrated_url: str, stage: Stage) -> None:
+    """A legacy array that names the label's url twice: one element flagged, one not (the
+    table can flag only one row). Both are the label picture; neither is a photo."""
+    bring_to(conn, T, stage)
+    tag, photo = "https://cdn.example/tag.png", "https://cdn.example/front.jpg"
+    images = [{"url": tag, "order": 0, "is_label": True}, {"url": photo, "order": 1},
+              {"url": tag, "order": 2}]  # fmt: skip
+    conn.execute(tq("UPDATE {products} SET images = %s WHERE id = 7", T), (Jsonb(images),))
+    conn.commit()
+    with engine_for(migrated_url) as engine, service(engine, T) as svc:
+        assert [v.url for v in svc.list_images(7)] == [tag, photo, tag]
+        assert [v.url for v in svc.get_product_photos(7)] == [photo]
+        label = svc.get_label_image(7)
+        assert label is not None
+        assert label.url == tag
