@@ -199,7 +199,7 @@ class Writers:
         self.threads = [threading.Thread(target=self._loop, args=(i, ready)) for i in range(self.n)]
         for t in self.threads:
             t.start()
-        ready.wait()
+        ready.wait(timeout=60)
 
     def finish(self) -> list[float]:
         self.stop.set()
@@ -210,7 +210,12 @@ class Writers:
     def _loop(self, seed_no: int, ready: threading.Barrier) -> None:
         rng = random.Random(seed_no)
         names = list(self.tenants)
-        with psycopg.connect(self.url, autocommit=True) as conn:
+        try:
+            conn = psycopg.connect(self.url, autocommit=True)
+        except BaseException:
+            ready.abort()  # start() raises BrokenBarrierError instead of waiting forever
+            raise
+        with conn:
             ready.wait()
             while True:  # at least one write each, however short the window
                 tenant = rng.choice(names)
