@@ -73,6 +73,10 @@ MIN_BIN: Final = 5
 # {known_photo} is a condition on r; {in_batch} repeats the batch's ids as a condition on
 # r, so the planner reaches the rows through the product_id index instead of a hash join
 # over the whole table (a backfill batch would otherwise scan every row written so far).
+# {prev_rows} is where a candidate's earlier image is looked up, a FROM item aliased o
+# with the columns of {images}: {images} itself when it is a table (its product_id index
+# finds the product's rows), the product's own rows when {images} is a CTE (a CTE has no
+# index, so each candidate would scan the whole sample: quadratic in the tenant's size).
 # A row whose element had no created_at holds the projection time, marked in
 # extra."$absent": it says nothing about the gap.
 _FEATURES: LiteralString = """
@@ -112,7 +116,7 @@ cand_rows AS (
       FROM cand c
       LEFT JOIN LATERAL (
           SELECT c.created_at - o.created_at AS gap, o.width, o.height
-            FROM {images} o
+            FROM {prev_rows}
            WHERE o.product_id = c.product_id AND o.id <> c.id
              AND o.created_at <= c.created_at
              AND NOT coalesce(o.extra -> '$absent' ? 'created_at', false)
@@ -220,6 +224,7 @@ def _statement(
     products = sql.Identifier(tenant, "products")
     features = sql.SQL(_FEATURES).format(
         images=images,
+        prev_rows=sql.SQL("{} o").format(images),
         known_photo=sql.SQL(_KNOWN_PHOTO),
         current_label=sql.SQL(current_label),
         in_batch=sql.SQL("r.product_id = ANY (%(ids)s::bigint[])"),
@@ -320,14 +325,17 @@ class MetadataHeuristic:
 # Calibration sample: every product with evidence, its rows read from the JSONB through
 # the canonical mapping (the table may not be backfilled yet). A candidate is a label
 # when the evidence calls its url a label, a photo when it calls it a photo.
+# The rows of the products ``p`` that {which} selects, with ids unique in the sample.
+_SAMPLE_ROWS: LiteralString = """
+    SELECT (p.id * 1000 + m."order")::bigint AS id, p.id AS product_id, m.url, m."order",
+           m.created_at, m.mime_type, m.width, m.height, m.extra
+      FROM {products} p CROSS JOIN LATERAL imgmig.images_to_rows(p.images) m
+     WHERE {which}"""
+
 _SAMPLE: LiteralString = """
 WITH undecided AS (
     SELECT DISTINCT e.product_id FROM imgmig.label_evidence e WHERE e.tenant = %(tenant)s
-), sample_rows AS (
-    SELECT (p.id * 1000 + m."order")::bigint AS id, p.id AS product_id, m.url, m."order",
-           m.created_at, m.mime_type, m.width, m.height, m.extra
-      FROM {products} p JOIN undecided u ON u.product_id = p.id
-     CROSS JOIN LATERAL imgmig.images_to_rows(p.images) m
+), sample_rows AS ({sample_rows}
 ),
 {features}
 SELECT e.image_type, f.ext_bin, f.gap_bin, f.dim_bin
@@ -338,13 +346,21 @@ SELECT e.image_type, f.ext_bin, f.gap_bin, f.dim_bin
 
 
 def sample_statement(tenant: str) -> sql.Composed:
+    products = sql.Identifier(tenant, "products")
+
+    def rows(which: str) -> sql.Composed:
+        return sql.SQL(_SAMPLE_ROWS).format(products=products, which=sql.SQL(which))
+
     features = sql.SQL(_FEATURES).format(
         images=sql.Identifier("sample_rows"),
+        prev_rows=sql.SQL("({}) o").format(rows("p.id = c.product_id")),
         known_photo=sql.SQL("false"),
         current_label=sql.SQL("false"),
         in_batch=sql.SQL("true"),
     )
-    return sql.SQL(_SAMPLE).format(products=sql.Identifier(tenant, "products"), features=features)
+    return sql.SQL(_SAMPLE).format(
+        sample_rows=rows("p.id IN (SELECT u.product_id FROM undecided u)"), features=features
+    )
 
 
 # One calibration sample: (image_type, ext bin, gap bin, dim bin).
