@@ -11,6 +11,8 @@ One command (against DATABASE_URL, else a throwaway embedded PostgreSQL):
 2. Time ``refresh_product`` on three products (what a service edit or a converter runs),
    then ``refresh_tenant`` (what reconcile runs) with batches of 1,000 and 5,000.
 3. Print the times and how many labels moved (0: nothing changed since the backfill).
+4. Import the seed's legacy evidence and time ``calibrate`` on the tenant (what
+   ``imgmig labels import-legacy`` runs): its sample reads every product with evidence.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 import psycopg
 from psycopg import sql
 
-from cdc import backfill, label_heuristics, migrate, server, stage
+from cdc import backfill, label_evidence, label_heuristics, migrate, server, stage
 from cdc.progress import Silent
 from cdc.seed import SeedConfig, seed
 
@@ -64,6 +66,13 @@ def main() -> None:
                 took = time.monotonic() - started
                 print(f"refresh_tenant, batches of {size:,}: {took:.1f} s for "
                       f"{args.products:,} products (labels moved: {moved_n})")  # fmt: skip
+            evidence = label_evidence.import_legacy(conn)
+            started = time.monotonic()
+            cal = label_heuristics.calibrate(conn, [TENANT])
+            took = time.monotonic() - started
+            print(f"calibrate: {took:.1f} s on {cal.labels:,} labels and {cal.photos:,} "
+                  f"photos ({evidence.read:,} evidence rows, {args.products:,} "
+                  f"products)")  # fmt: skip
         admin_url = server.with_database(srv.url, "postgres")
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(args.database)))

@@ -91,6 +91,7 @@ def test_batch_bench(pg: server.Server, scratch: str) -> None:
 def test_label_refresh_bench(pg: server.Server, scratch: str) -> None:
     out = run_bench(pg, scratch, "label_refresh_bench.py", "--products", "1500")
     assert number(r"^refresh_tenant, batches of 1,000: [\d.]+ s for ([\d,]+) products", out) == 1500
+    assert number(r"^calibrate: [\d.]+ s on ([\d,]+) labels", out) > 0
 
 
 def test_mapping_bench(pg: server.Server, scratch: str) -> None:
