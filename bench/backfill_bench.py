@@ -315,7 +315,8 @@ def repetition(
     url: str, tenants: dict[str, int], writers: Writers, raw_before: float,
     args: argparse.Namespace, *, restart: bool,
 ) -> tuple[Repetition, float]:  # fmt: skip
-    """Idle window, backfill under the writers, idle window, raw again; print them all.
+    """Idle window, backfill under the writers, idle window, raw again, then the raw
+    statement under the writers (in one connection, and in ``--workers``); print them all.
 
     Returns the repetition and the raw rate measured after it (the next one's before)."""
     idle_before = idle_window(url, writers, args.idle_s)

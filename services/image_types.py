@@ -70,14 +70,18 @@ def label_copies(views: Sequence[ImageView]) -> list[ImageView]:
     name the label's url twice (an old client that appended it again). Each copy is the
     same picture, so publishing any copy publishes the label.
     """
-    label_urls = {v.url for v in views if v.is_label}
+    label_urls = _label_urls(views)
     return [v for v in views if not v.is_label and v.url in label_urls]
 
 
 def without_labels(views: Sequence[ImageView]) -> list[ImageView]:
     """The photos: every view but the label and its copies (:func:`label_copies`)."""
-    label_urls = {v.url for v in views if v.is_label}
-    return [v for v in views if not v.is_label and v.url not in label_urls]
+    label_urls = _label_urls(views)
+    return [v for v in views if v.url not in label_urls]
+
+
+def _label_urls(views: Sequence[ImageView]) -> set[str]:
+    return {v.url for v in views if v.is_label}
 
 
 def fallback_id(product_id: int, url: str, rank: int) -> int:
