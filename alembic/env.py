@@ -8,7 +8,9 @@
 3. Keep the tenant's ledger of the revisions that really ran (``cdc.migrate``,
    ``imgmig_revisions``), and on an upgrade first send a tenant at ``expand`` back
    before any additive revision it skipped (one a later release inserted before the
-   marker, which Alembic alone would count as applied).
+   marker, which Alembic alone would count as applied). An upgrade refuses a tenant whose
+   restoring downgrade was killed (``cdc.cutover.restore_unfinished``): it is still at
+   ``contract``, so Alembic would silently do nothing.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from psycopg import sql
 from sqlalchemy import create_engine, pool
 
 from alembic import context
-from cdc import migrate
+from cdc import cutover, migrate
 from cdc import tenants as tenant_mod
-from cdc.errors import ImgmigError
+from cdc.cutover import RESTORE_UNFINISHED
+from cdc.errors import ImgmigError, StageRefusedError
 from cdc.migrate import database_url, wanted_tenants
 from cdc.server import sqlalchemy_url
 
@@ -80,6 +83,11 @@ def run_online() -> None:
                 command = _command()
                 if command in ("upgrade", "downgrade"):  # not for current, history, stamp
                     migrate.ensure_ledger(dbapi, tenant, migrate.policy_from(config))  # type: ignore[arg-type]
+                if command == "upgrade" and cutover.restore_unfinished(dbapi, tenant):  # type: ignore[arg-type]
+                    # At `contract` already, Alembic would do nothing and say nothing.
+                    raise StageRefusedError(
+                        tenant=tenant, stage="table", action="upgrade", why=RESTORE_UNFINISHED
+                    )
                 if command == "upgrade":
                     migrate.heal_skipped(dbapi, tenant, _additive_revisions())  # type: ignore[arg-type]
                 context.run_migrations()

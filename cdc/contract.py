@@ -205,11 +205,18 @@ def restore_archive(conn: Conn, tenant: str) -> int:
     """``imgmig archive restore``: put archived JSONB back where the column exists.
 
     Only products whose JSONB differs are written; products created after the archive are
-    left alone. Refuses if the column is gone (run the downgrade first).
+    left alone. Refuses if the column is gone, or back but not yet rebuilt (run the
+    downgrade, or run it again, first).
     """
     if not cutover.jsonb_column_exists(conn, tenant):
         raise ContractRefusedError(
-            tenant=tenant, reasons=("products.images does not exist; downgrade first",)
+            tenant=tenant,
+            reasons=("products.images does not exist; downgrade first",),
+            action="restore the archive of",
+        )
+    if cutover.restore_unfinished(conn, tenant):
+        raise ContractRefusedError(
+            tenant=tenant, reasons=(cutover.RESTORE_UNFINISHED,), action="restore the archive of"
         )
     cur = conn.execute(
         sql.SQL(

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import structlog
 from psycopg import sql
 
+from cdc import migrate
 from cdc import stage as stage_mod
 from cdc.db import Conn
 from cdc.errors import GuardRefusedError, ImgmigError, ReasonRequiredError, StageRefusedError
@@ -120,12 +121,39 @@ def jsonb_column_exists(conn: Conn, tenant: str) -> bool:
     return row is not None
 
 
+RESTORE_UNFINISHED = (
+    "the contract's restoring downgrade has not finished: products.images is back but only "
+    "partly rebuilt from product_images, which are the truth until it is; run "
+    "`imgmig deploy rollback` (or `alembic downgrade expand`) again to finish it"
+)
+
+
+def restore_unfinished(conn: Conn, tenant: str) -> bool:
+    """Whether the contract's downgrade has started on ``tenant`` and not finished.
+
+    The contract drops ``products.images`` and moves the tenant's Alembic version to
+    ``contract`` in one transaction. The downgrade adds the column back first, rebuilds it
+    in batches that commit one by one, and moves the version last. So the column existing
+    at version ``contract`` means a restore is running, or was killed, and the JSONB of the
+    products it has not reached yet is ``[]``.
+    """
+    return jsonb_column_exists(conn, tenant) and (
+        migrate.tenant_revision(conn, tenant) == migrate.CONTRACT
+    )
+
+
 def guard_failures(conn: Conn, tenant: str, current: Stage, target: Stage) -> list[str]:
     """Every guard the move ``current -> target`` fails, in plain words (empty: allowed).
 
-    Raises for a move that ``force`` cannot make safe (leaving ``contracted`` without
-    the JSONB column).
+    Raises for a move that ``force`` cannot make safe: leaving ``contracted`` without the
+    JSONB column, or making the JSONB the truth again while a restore has left it
+    incomplete (the next reconcile would delete the rows of every product not restored).
     """
+    if target.rank < Stage.TABLE.rank and restore_unfinished(conn, tenant):
+        raise StageRefusedError(
+            tenant=tenant, stage=current.value, action=f"move to {target.value}",
+            why=RESTORE_UNFINISHED,
+        )  # fmt: skip
     if current is Stage.CONTRACTED and target is not current:
         if not jsonb_column_exists(conn, tenant):
             raise StageRefusedError(
@@ -243,6 +271,8 @@ def _kill_one(conn: Conn, tenant: str, reason: str, actor: str | None) -> Transi
             target = KILL_TARGET.get(current)
             if target is None:
                 return _stays(tenant, current)
+            if restore_unfinished(conn, tenant):  # the table is the only complete side
+                return Transition(tenant, current, current, note=f"stays: {RESTORE_UNFINISHED}")
             return change_stage(conn, tenant, target, reason=reason, actor=actor)
     except ImgmigError as exc:
         with conn.transaction():

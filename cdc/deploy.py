@@ -256,6 +256,12 @@ class _Runner:
             time.sleep(0.5)
 
     def _contract(self, tenants: list[str]) -> None:
+        with connect(self.url, autocommit=True) as conn:
+            unfinished = [t for t in tenants if cutover.restore_unfinished(conn, t)]
+        if unfinished:  # Alembic is at contract already: its upgrade would change nothing
+            raise DeployStoppedError(
+                tenant=", ".join(unfinished), step="contract", why=cutover.RESTORE_UNFINISHED
+            )
         if not self.options.confirm_contract:
             raise DeployStoppedError(
                 tenant=", ".join(tenants), step="contract",
@@ -282,8 +288,10 @@ def rollback(
 ) -> dict[str, Stage]:
     """Go back one safe step (or step by step down to ``to``); returns the new stages.
 
-    ``contracted`` goes back through the restoring Alembic downgrade; every other step is a
-    flag flip. Going below ``dual_write`` to ``jsonb`` needs an explicit ``to=jsonb``.
+    ``contracted`` goes back through the restoring Alembic downgrade, and so does a tenant
+    whose downgrade was killed before it finished (:func:`cutover.restore_unfinished`);
+    every other step is a flag flip. Going below ``dual_write`` to ``jsonb`` needs an
+    explicit ``to=jsonb``.
     """
     with connect(url, autocommit=True) as conn:
         names = resolve(conn, tenants)
@@ -292,10 +300,15 @@ def rollback(
         while True:
             with connect(url) as conn:
                 current = stage_mod.get(conn, tenant).stage
-            target = _one_back(current, to)
+                unfinished = cutover.restore_unfinished(conn, tenant)
+            # A restore that was killed left the stage at table: finish it first.
+            target = Stage.TABLE if unfinished else _one_back(current, to)
             if target is None:
                 break
-            if current is Stage.CONTRACTED:
+            if current is Stage.CONTRACTED or unfinished:
+                if unfinished:
+                    log.warning("finishing an interrupted restore", tenant=tenant)
+                    current = Stage.CONTRACTED
                 migrate.downgrade(url, migrate.EXPAND, tenants=[tenant])
             else:
                 with connect(url) as conn:
@@ -331,7 +344,13 @@ def status(conn: Conn, tenants: Sequence[str] | None) -> list[TenantStatus]:
             TenantStatus(
                 tenant=tenant,
                 stage=states[0].stage.value if states else "not migrated",
-                next_step=step.value if step else "done",
+                next_step=(
+                    "rollback: finish the restore"
+                    if cutover.restore_unfinished(conn, tenant)
+                    else step.value
+                    if step
+                    else "done"
+                ),
                 backfill=_fmt(conn, _BACKFILL, tenant),
                 last_verify=_fmt(conn, _VERIFY, tenant),
                 shadow=_fmt(conn, _SHADOW, tenant),

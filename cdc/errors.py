@@ -366,10 +366,11 @@ class ContractRefusedError(ImgmigError):
 
     tenant: str
     reasons: tuple[str, ...]
+    action: str = "contract"
     exit_code: int = 7
 
     def message(self) -> str:
-        return f"refusing to contract tenant {self.tenant!r}: " + "; ".join(self.reasons)
+        return f"refusing to {self.action} tenant {self.tenant!r}: " + "; ".join(self.reasons)
 
 
 @dataclass(eq=False)
