@@ -87,16 +87,58 @@ def seed(
     out.print(f"seeded {sum(counts.values())} products in {len(counts)} tenants in {took:.1f} s")
 
 
+XOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045 - Typer needs Optional here
+    typer.Option(
+        "-x",
+        help="NAME=VALUE for the revisions, as `alembic -x` (lock_timeout_ms, ddl_attempts, "
+        "contract_min_table_age, restore_batch_size).",
+    ),
+]
+
+
+#: The revisions' -x options, each with its type (all must be positive but the age).
+X_OPTIONS = {
+    "lock_timeout_ms": int,
+    "ddl_attempts": int,
+    "contract_min_table_age": float,
+    "restore_batch_size": int,
+}
+
+
+def _x_options(given: list[str] | None) -> dict[str, str]:
+    pairs = {}
+    for item in given or []:
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or name not in X_OPTIONS:
+            raise typer.BadParameter(
+                f"{item!r}: expected NAME=VALUE, NAME one of {', '.join(X_OPTIONS)}",
+                param_hint="-x",
+            )
+        try:
+            number = X_OPTIONS[name](value)
+        except ValueError:
+            number = -1
+        if number < 0 or (number == 0 and name != "contract_min_table_age"):
+            raise typer.BadParameter(
+                f"{name} must be a positive number, not {value!r}", param_hint="-x"
+            )
+        pairs[name] = value
+    return pairs
+
+
 @migrate_app.command("upgrade")
-def migrate_upgrade(tenant: TenantOpt = None, revision: str = migrate_mod.EXPAND) -> None:
+def migrate_upgrade(
+    tenant: TenantOpt = None, revision: str = migrate_mod.EXPAND, x: XOpt = None
+) -> None:
     """alembic upgrade, per tenant (to `expand` unless told otherwise)."""
-    migrate_mod.upgrade(url(), tenants=tenant, revision=revision)
+    migrate_mod.upgrade(url(), tenants=tenant, revision=revision, options=_x_options(x))
 
 
 @migrate_app.command("downgrade")
-def migrate_downgrade(revision: str, tenant: TenantOpt = None) -> None:
+def migrate_downgrade(revision: str, tenant: TenantOpt = None, x: XOpt = None) -> None:
     """alembic downgrade, per tenant."""
-    migrate_mod.downgrade(url(), revision, tenants=tenant)
+    migrate_mod.downgrade(url(), revision, tenants=tenant, options=_x_options(x))
 
 
 @app.command()
@@ -146,6 +188,7 @@ def print_report(result: DemoResult, seconds: float) -> None:
     )
     table.add_row("deleted products still holding images", str(t.ghost_products))
     table.add_row("drift after the round trip (verify)", str(result.drift))
+    table.add_row("restore killed halfway", result.interrupted_restore)
     table.add_row("marketplace payloads built", f"{p.payloads:,}")
     table.add_row("flagged labels in payloads / real labels in payloads",
                   f"{p.flagged_labels} / {p.real_labels}")  # fmt: skip

@@ -62,7 +62,7 @@ def policy_from(cfg: Config | None) -> LockPolicy:
     given = cfg.attributes.get("lock_policy")
     if isinstance(given, LockPolicy):
         return given
-    x = _x_args(cfg)
+    x = {**_x_args(cfg), **{k: str(v) for k, v in cfg.attributes.items() if isinstance(v, str)}}
     return LockPolicy(
         lock_timeout_ms=int(x.get("lock_timeout_ms", DEFAULT_POLICY.lock_timeout_ms)),
         attempts=int(x.get("ddl_attempts", DEFAULT_POLICY.attempts)),

@@ -124,6 +124,10 @@ def test_flag_get_shows_deferred_projection_lag(migrated_url: str) -> None:
         ("backfill", "--max-replica-lag", "lots"),
         ("backfill", "--fk-check", "sometimes"),
         ("deploy", "run", "--max-replica-lag", "-1"),
+        ("migrate", "downgrade", "expand", "-x", "restore_batch_size"),
+        ("migrate", "downgrade", "expand", "-x", "no_such_option=1"),
+        ("migrate", "downgrade", "expand", "-x", "restore_batch_size=0"),
+        ("migrate", "upgrade", "-x", "lock_timeout_ms=soon"),
     ],
 )
 def test_usage_errors_exit_64_never_a_cron_code(args: tuple[str, ...]) -> None:
