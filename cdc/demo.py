@@ -6,7 +6,10 @@
    (a real uvicorn server), each recording its writes in an independent ledger;
 3. run the deploy sequence: expand → dual_write → backfill → verify → shadow_read →
    table (canary first); retire the legacy writer; contract;
-4. round trip: the restoring downgrade, a verify, and the contract again;
+4. round trip: the restoring downgrade of one tenant, killed before it finishes (as a
+   crash would) and the kill switch pressed (the tenant must stay at ``table``), then
+   finished by ``deploy rollback``; the other tenants' downgrade, a verify, and the
+   contract again;
 5. stop the traffic and report: images before/after, lost/duplicate/misordered images
    against the ledger, drift, labels in marketplace payloads, label precision/recall,
    the longest DDL lock wait, write p50/p99 per phase. Exit 0 only if there is no loss,
@@ -16,17 +19,22 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import httpx
+import psycopg
 import structlog
 import uvicorn
+from psycopg import sql
 
-from cdc import deploy, label_heuristics, migrate, reconcile, seed
+from cdc import cutover, deploy, label_heuristics, migrate, reconcile, seed
 from cdc.db import Conn, connect
 from cdc.ddl import LOCK_WAITS
 from cdc.demo_report import (
@@ -40,6 +48,7 @@ from cdc.demo_report import (
 )
 from cdc.errors import DeployStoppedError
 from cdc.server import Server, check_reachable, start_embedded, stop_embedded
+from cdc.stage import Stage
 from cdc.tenants import resolve
 from cdc.traffic import Ledger, LegacyWriter, Phase, Stats, Writer
 from cdc.traffic_new_code import ApiWriter, ServiceWriter
@@ -62,6 +71,8 @@ class DemoResult:
     stats: Stats = field(default_factory=Stats)
     longest_lock_wait_s: float = 0.0
     longest_lock_statement: str = ""
+    interrupted_restore: str = "not run"
+    kill_switch_moved: str = ""  # where the kill switch sent the half-restored tenant
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -147,7 +158,7 @@ def run(url: str, config: seed.SeedConfig, *, reseed: bool = False, say: Say = p
         for writer in (legacy, *new_code):
             writer.start()
         try:
-            _migrate(url, phase, legacy, say)
+            _migrate(url, phase, legacy, result, say)
         finally:
             for writer in (legacy, *new_code):
                 writer.stop.set()
@@ -157,7 +168,7 @@ def run(url: str, config: seed.SeedConfig, *, reseed: bool = False, say: Say = p
     return result
 
 
-def _migrate(url: str, phase: Phase, legacy: LegacyWriter, say: Say) -> None:
+def _migrate(url: str, phase: Phase, legacy: LegacyWriter, result: DemoResult, say: Say) -> None:
     def on_step(tenant: str, step: deploy.Step) -> None:
         phase.set(step.value)
         say(f"  ✓ {tenant}: {step.value}")
@@ -178,6 +189,8 @@ def _migrate(url: str, phase: Phase, legacy: LegacyWriter, say: Say) -> None:
     confirmed = deploy.DeployOptions(**{**options.__dict__, "confirm_contract": True})
     deploy.run(url, None, confirmed, on_step=on_step)
     phase.set("downgrade")
+    say(f"round trip: restoring downgrade of {INTERRUPTED}, killed before its last batch")
+    _interrupted_round_trip(url, result, say)
     say("round trip: restoring downgrade (products.images rebuilt from product_images)")
     migrate.downgrade(url, migrate.EXPAND)
     phase.set("verify")
@@ -186,6 +199,98 @@ def _migrate(url: str, phase: Phase, legacy: LegacyWriter, say: Say) -> None:
     say("round trip: contract again")
     migrate.upgrade(url, revision=migrate.CONTRACT, options={"contract_min_table_age": "0"})
     phase.set("after")
+
+
+INTERRUPTED = "user_1"  # the tenant whose restore the demo kills
+RESTORE_APP = "imgmig-restore-interrupted"
+
+
+def _interrupted_round_trip(url: str, result: DemoResult, say: Say) -> None:
+    """Kill one tenant's restore, press the kill switch, then finish the restore."""
+    left = interrupt_restore(url, INTERRUPTED)
+    if left is None:
+        result.interrupted_restore = "finished before it could be killed"
+        say(f"  {INTERRUPTED}: the restore {result.interrupted_restore}")
+        return
+    with connect(url) as conn:
+        moves = cutover.kill_switch(conn, reason="imgmig demo: a restore was killed")
+    [move] = [m for m in moves if m.tenant == INTERRUPTED]
+    say(f"  {INTERRUPTED}: killed with {left} products not restored; kill switch: "
+        f"{move.from_stage.value} -> {move.to_stage.value}")  # fmt: skip
+    result.interrupted_restore = (
+        f"{INTERRUPTED}: killed with {left} products left, kill switch kept it at "
+        f"{move.to_stage.value}, deploy rollback finished it"
+    )
+    if move.to_stage is not Stage.TABLE:
+        result.kill_switch_moved = move.to_stage.value
+    deploy.rollback(url, [INTERRUPTED], reason="imgmig demo: finish the killed restore")
+
+
+def interrupt_restore(
+    url: str, tenant: str, *, batch_size: int = 100, timeout_s: float = 60
+) -> int | None:
+    """Run ``imgmig migrate downgrade expand`` on ``tenant`` (at ``contract``) in a
+    subprocess, and SIGKILL it before its last batch commits, as a crash would. A row lock
+    on the tenant's last product holds that batch; every batch before it has committed.
+
+    Returns how many of the tenant's products still read ``[]``, or None if the downgrade
+    finished first (the lock can only be taken once the column is back, and a tenant of a
+    few batches may be rebuilt by then).
+    """
+    dsn = psycopg.conninfo.make_conninfo(url, application_name=RESTORE_APP)
+    cmd = [sys.executable, "-m", "cdc", "--log-format", "json", "--database-url", dsn,
+           "migrate", "downgrade", migrate.EXPAND, "--tenant", tenant,
+           "-x", f"restore_batch_size={batch_size}"]  # fmt: skip
+    products = sql.Identifier(tenant, "products")
+    deadline = time.monotonic() + timeout_s
+    with (
+        connect(url, autocommit=True) as watch,
+        connect(url) as holder,
+        subprocess.Popen(  # noqa: S603 - our own CLI, arguments built above
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ) as proc,
+    ):
+        try:
+            while not cutover.jsonb_column_exists(watch, tenant):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    return None
+                time.sleep(0.005)
+            holder.execute("SET LOCAL lock_timeout = '5s'")
+            try:
+                holder.execute(
+                    sql.SQL("SELECT id FROM {} ORDER BY id DESC LIMIT 1 FOR UPDATE").format(
+                        products
+                    )
+                )
+            except psycopg.errors.LockNotAvailable:  # its last batch had it first
+                return None
+            while not watch.execute(
+                "SELECT count(*) > 0 FROM pg_stat_activity "
+                "WHERE application_name = %s AND %s = ANY (pg_blocking_pids(pid))",
+                (RESTORE_APP, holder.info.backend_pid),
+            ).fetchone()[0]:  # type: ignore[index]
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    return None
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            # Its backend waits for the lock still: end it before the lock goes.
+            watch.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (RESTORE_APP,),
+            )
+            while watch.execute(
+                "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = %s",
+                (RESTORE_APP,),
+            ).fetchone()[0]:  # type: ignore[index]
+                time.sleep(0.01)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            holder.rollback()
+        row = watch.execute(sql.SQL("SELECT count(*) FROM {} WHERE images = '[]'").format(products))
+        return int(row.fetchone()[0])  # type: ignore[index]
 
 
 def _check(url: str, result: DemoResult, ledger: Ledger, tenants: list[str], say: Say) -> None:
@@ -211,6 +316,11 @@ def failures(result: DemoResult) -> list[str]:
         out.append(f"table differs from the ledger: {result.table.examples[:2]}")
     if result.drift != 0:
         out.append(f"drift after the round trip: {result.drift}")
+    if result.kill_switch_moved:
+        out.append(
+            f"the kill switch moved {INTERRUPTED} to {result.kill_switch_moved} while its "
+            "JSONB was half restored"
+        )
     if result.published.flagged_labels or result.published.real_labels:
         out.append(
             f"labels in marketplace payloads: {asdict(result.published)}; "

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import threading
 import time
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 from psycopg.types.json import Jsonb
 from structlog.testing import capture_logs
 
 from cdc import backfill, cutover, deploy, migrate, reconcile
 from cdc.backfill import BackfillConfig
 from cdc.contract import rebuild_jsonb, restore_archive
+from cdc.demo import interrupt_restore
 from cdc.deploy import DeployOptions
 from cdc.errors import ContractRefusedError, DeployStoppedError, StageRefusedError
 from cdc.progress import Silent
@@ -217,48 +214,6 @@ def test_rebuild_waits_for_a_concurrent_writer_and_never_resurrects(migrated_url
     assert gone[0] not in [e["url"] for e in images[0]]
 
 
-def kill_restore_before_its_last_batch(url: str, tenant: str) -> None:
-    """Run the restoring downgrade in a subprocess, hold it at its last batch with a row
-    lock, and SIGKILL it there: every batch before that one has committed."""
-    code = (
-        "import sys; from cdc import migrate; migrate.downgrade(sys.argv[1], 'expand', "
-        "tenants=[sys.argv[2]], options={'restore_batch_size': '10'})"
-    )
-    with psycopg.connect(url, autocommit=True) as watch:
-        proc = subprocess.Popen([sys.executable, "-c", code, url, tenant])
-        try:
-            deadline = time.monotonic() + 60
-            while not cutover.jsonb_column_exists(watch, tenant):
-                assert proc.poll() is None, "the downgrade ended before its column came back"
-                assert time.monotonic() < deadline, "no column came back"
-                time.sleep(0.005)
-            holder = psycopg.connect(url)
-            holder.execute(
-                sql.SQL("SELECT id FROM {} ORDER BY id DESC LIMIT 1 FOR UPDATE").format(
-                    sql.Identifier(tenant, "products")
-                )
-            )
-            while True:
-                held = watch.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE '%FOR NO KEY UPDATE%' AND datname = current_database()"
-                ).fetchall()
-                if held:
-                    break
-                assert proc.poll() is None, "the downgrade ended before its last batch"
-                assert time.monotonic() < deadline, "its last batch never waited for the lock"
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
-            assert proc.wait(timeout=30) == -signal.SIGKILL
-            for (pid,) in held:  # the orphaned backend would run its batch once unblocked
-                watch.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            holder.rollback()
-            holder.close()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-
-
 @pytest.mark.timeout(180)
 def test_a_killed_restore_leaves_the_table_the_truth_until_it_is_finished(
     migrated_url: str,
@@ -273,11 +228,10 @@ def test_a_killed_restore_leaves_the_table_the_truth_until_it_is_finished(
     with psycopg.connect(migrated_url) as conn:
         rows = conn.execute(count_rows).fetchone()
     migrate.upgrade(migrated_url, tenants=["user_1"], revision=migrate.CONTRACT, options=NOW)
-    kill_restore_before_its_last_batch(migrated_url, "user_1")
+    left = interrupt_restore(migrated_url, "user_1", batch_size=1)
+    assert left is not None, "killed before its last batch"
+    assert 0 < left < len(before), "killed mid-rebuild"
     with psycopg.connect(migrated_url) as conn:
-        empty = conn.execute("SELECT count(*) FROM user_1.products WHERE images = '[]'").fetchone()
-        assert empty is not None
-        assert 0 < empty[0] < len(before), "killed mid-rebuild"
         assert cutover.restore_unfinished(conn, "user_1")
         for target in (Stage.SHADOW_READ, Stage.DUAL_WRITE, Stage.JSONB):
             with pytest.raises(StageRefusedError, match="restoring downgrade has not finished"):
