@@ -338,7 +338,7 @@ def set_projection(conn: Conn, tenant: str, mode: str) -> None:
     """Switch ``tenant`` to 'inline', 'deferred' or 'logical' projection, swapping its capture.
 
     Caller's transaction. Going back to inline does not apply pending events by itself:
-    run the projector (``cdc.project.project``) once after the switch. 'logical' needs the
+    ``cdc.project.set_mode`` projects them in the same transaction. 'logical' needs the
     slot (``cdc.logical.prepare``) and a complete event log: its update events carry no
     ``before``, so the log must already hold every product's images.
     """

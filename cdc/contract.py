@@ -14,7 +14,8 @@ Contract, per tenant:
 Restore (the downgrade), per tenant:
 1. add the column back as ``jsonb NOT NULL DEFAULT '[]'`` (catalog-only since PG 11);
 2. move the stage back to ``table`` (reinstalls reverse sync, so concurrent writes to
-   ``product_images`` keep the JSONB current while we fill it);
+   ``product_images`` keep the JSONB current while we fill it), in one transaction with
+   its triggers; a rerun after an interruption installs whatever triggers are missing;
 3. rebuild every product's JSONB from ``product_images`` through the canonical mapping,
    in keyset batches that lock only their own products.
 """
@@ -27,7 +28,7 @@ from datetime import timedelta
 import structlog
 from psycopg import sql
 
-from cdc import cutover
+from cdc import capture, cutover
 from cdc import stage as stage_mod
 from cdc.db import Conn
 from cdc.ddl import DEFAULT_POLICY, LockPolicy, run_ddl
@@ -127,8 +128,12 @@ def restore_tenant(conn: Conn, tenant: str, options: ContractOptions) -> int:
             sql.Identifier(tenant, "products")
         )
         run_ddl(conn, add, policy=options.policy, schema=tenant)
-    if stage_mod.get(conn, tenant).stage is stage_mod.Stage.CONTRACTED:
-        stage_mod.set_stage(conn, tenant, stage_mod.Stage.TABLE, reason="contract downgrade")
+    with conn.transaction():  # the stage and its triggers together, or neither
+        current = stage_mod.get(conn, tenant).stage
+        if current is stage_mod.Stage.CONTRACTED:
+            stage_mod.set_stage(conn, tenant, stage_mod.Stage.TABLE, reason="contract downgrade")
+        else:  # an interrupted restore: its stage changed, its triggers may not have
+            capture.apply_stage(conn, tenant, current.value)
     archived = _archive_count(conn, tenant)
     if archived is None:
         log.warning("archive missing: restoring from product_images alone", tenant=tenant)

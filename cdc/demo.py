@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import httpx
 import psycopg
@@ -227,70 +228,108 @@ def _interrupted_round_trip(url: str, result: DemoResult, say: Say) -> None:
 
 
 def interrupt_restore(
-    url: str, tenant: str, *, batch_size: int = 100, timeout_s: float = 60
+    url: str,
+    tenant: str,
+    *,
+    batch_size: int = 100,
+    at: Literal["last batch", "triggers"] = "last batch",
+    timeout_s: float = 60,
 ) -> int | None:
     """Run ``imgmig migrate downgrade expand`` on ``tenant`` (at ``contract``) in a
-    subprocess, and SIGKILL it before its last batch commits, as a crash would. A row lock
-    on the tenant's last product holds that batch; every batch before it has committed.
+    subprocess, and SIGKILL it where a crash would hurt, held there by a lock:
+
+    * ``last batch``: before its last batch commits (a row lock on the tenant's last
+      product, taken once the column is back); every batch before it has committed;
+    * ``triggers``: while it installs the stage's triggers (the advisory lock their
+      installer takes, taken before the downgrade starts), before any batch.
 
     Returns how many of the tenant's products still read ``[]``, or None if the downgrade
-    finished first (the lock can only be taken once the column is back, and a tenant of a
-    few batches may be rebuilt by then).
+    finished before it could be held (a tenant of a few batches may be rebuilt before the
+    row lock is taken).
     """
     dsn = psycopg.conninfo.make_conninfo(url, application_name=RESTORE_APP)
     cmd = [sys.executable, "-m", "cdc", "--log-format", "json", "--database-url", dsn,
            "migrate", "downgrade", migrate.EXPAND, "--tenant", tenant,
            "-x", f"restore_batch_size={batch_size}"]  # fmt: skip
-    products = sql.Identifier(tenant, "products")
     deadline = time.monotonic() + timeout_s
-    with (
-        connect(url, autocommit=True) as watch,
-        connect(url) as holder,
-        subprocess.Popen(  # noqa: S603 - our own CLI, arguments built above
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        ) as proc,
-    ):
-        try:
-            while not cutover.jsonb_column_exists(watch, tenant):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    return None
-                time.sleep(0.005)
-            holder.execute("SET LOCAL lock_timeout = '5s'")
-            try:
-                holder.execute(
-                    sql.SQL("SELECT id FROM {} ORDER BY id DESC LIMIT 1 FOR UPDATE").format(
-                        products
-                    )
-                )
-            except psycopg.errors.LockNotAvailable:  # its last batch had it first
-                return None
-            while not watch.execute(
-                "SELECT count(*) > 0 FROM pg_stat_activity "
-                "WHERE application_name = %s AND %s = ANY (pg_blocking_pids(pid))",
-                (RESTORE_APP, holder.info.backend_pid),
-            ).fetchone()[0]:  # type: ignore[index]
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    return None
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            # Its backend waits for the lock still: end it before the lock goes.
-            watch.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = %s",
-                (RESTORE_APP,),
+    with connect(url, autocommit=True) as watch, connect(url) as holder:
+        if at == "triggers":
+            holder.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('imgmig.install_log_function'), "
+                "hashtext(%s))",
+                (tenant,),
             )
-            while watch.execute(
-                "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = %s",
-                (RESTORE_APP,),
-            ).fetchone()[0]:  # type: ignore[index]
-                time.sleep(0.01)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            holder.rollback()
-        row = watch.execute(sql.SQL("SELECT count(*) FROM {} WHERE images = '[]'").format(products))
-        return int(row.fetchone()[0])  # type: ignore[index]
+        with subprocess.Popen(  # noqa: S603 - our own CLI, arguments built above
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ) as proc:
+            try:
+                if at == "last batch" and not _hold_last_product(watch, holder, tenant, proc):
+                    return None
+                if not _wait_blocked(watch, holder, proc, deadline):
+                    return None
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                # Its backend still waits for the lock: end it before the lock goes.
+                _end_backends(watch)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                holder.rollback()
+        left = watch.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE images = '[]'").format(
+                sql.Identifier(tenant, "products")
+            )
+        ).fetchone()
+        return int(left[0]) if left else None
+
+
+def _hold_last_product(
+    watch: Conn, holder: Conn, tenant: str, proc: subprocess.Popen[bytes]
+) -> bool:
+    """Once the column is back, lock the tenant's last product; False if too late."""
+    while not cutover.jsonb_column_exists(watch, tenant):
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    holder.execute("SET LOCAL lock_timeout = '5s'")
+    try:
+        holder.execute(
+            sql.SQL("SELECT id FROM {} ORDER BY id DESC LIMIT 1 FOR UPDATE").format(
+                sql.Identifier(tenant, "products")
+            )
+        )
+    except psycopg.errors.LockNotAvailable:  # its last batch had it first
+        return False
+    return True
+
+
+def _wait_blocked(
+    watch: Conn, holder: Conn, proc: subprocess.Popen[bytes], deadline: float
+) -> bool:
+    """Wait until the downgrade's backend waits for ``holder``; False if it ended first."""
+    query = (
+        "SELECT count(*) > 0 FROM pg_stat_activity "
+        "WHERE application_name = %s AND %s = ANY (pg_blocking_pids(pid))"
+    )
+    while True:
+        row = watch.execute(query, (RESTORE_APP, holder.info.backend_pid)).fetchone()
+        if row and row[0]:
+            return True
+        if proc.poll() is not None:
+            return False
+        if time.monotonic() > deadline:
+            raise TimeoutError("the downgrade neither finished nor waited for the lock")
+        time.sleep(0.01)
+
+
+def _end_backends(watch: Conn) -> None:
+    watch.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        (RESTORE_APP,),
+    )
+    gone = "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = %s"
+    while not (row := watch.execute(gone, (RESTORE_APP,)).fetchone()) or not row[0]:
+        time.sleep(0.01)
 
 
 def _check(url: str, result: DemoResult, ledger: Ledger, tenants: list[str], say: Say) -> None:

@@ -67,12 +67,16 @@ def switch(conn: Conn, tenant: str, mode: str) -> None:
 
     To logical: the publication and the slot first (``cdc.logical.prepare``). Away from
     it: the slot drained first, so that the drain the switch repeats under ``products``'
-    trigger lock is short; then the slot dropped if no tenant uses it any more.
+    trigger lock is short; then the slot dropped if no tenant uses it any more. To inline:
+    the pending events projected before the switch, then the rest in its transaction
+    (``set_mode``).
     """
     if mode == "logical":
         logical.prepare(conn)
     elif not logical.slot_lost(conn):
         logical.drain(conn)
+    if mode == "inline":
+        project(conn, tenant, drain=False)  # the backlog, before the trigger lock
     with conn.transaction():
         set_mode(conn, tenant, mode)
     if mode != "logical":
@@ -83,5 +87,11 @@ def set_mode(conn: Conn, tenant: str, mode: str) -> None:
     """Switch ``tenant`` between 'inline', 'deferred' and 'logical' (caller's transaction).
 
     The capture triggers change shape with the mode (``cdc.capture.set_projection``).
+    To inline, the events still pending are projected in the same transaction, under the
+    trigger lock: nothing projects an inline tenant's log later, and from stage table on
+    the reconciler would take the table without them for the truth and write it over the
+    JSONB, losing the legacy writes they carry.
     """
     capture.set_projection(conn, tenant, mode)
+    if mode == "inline":
+        conn.execute("SELECT imgmig.project_pending(%s)", (tenant,))

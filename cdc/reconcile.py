@@ -171,12 +171,19 @@ def run(
 def _catch_up(conn: Conn, tenants: Sequence[str]) -> None:
     """Before verifying: apply what deferred and logical tenants have logged but not
     projected yet (that is lag, not drift), reading the capture slot first. The cron's
-    reconcile is what keeps a logical tenant's slot read."""
+    reconcile is what keeps a logical tenant's slot read, and what drops a slot left
+    without a tenant."""
     behind = [s.tenant for s in stage_mod.get_all(conn, list(tenants)) if s.projection != "inline"]
     if behind:
         logical.drain(conn)  # once: the slot holds every logical tenant's writes
     for tenant in behind:
         project.project(conn, tenant, drain=False)
+    # A slot no tenant uses any more keeps WAL forever. `imgmig project` drops it when
+    # the last tenant leaves logical mode, unless it was killed just before.
+    try:
+        logical.drop_slot_if_unused(conn)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        log.warning("a capture slot no tenant uses keeps WAL: drop it", error=str(exc))
 
 
 def _eligible(conn: Conn, tenants: Sequence[str] | None, *, do_repair: bool) -> list[str]:

@@ -11,7 +11,8 @@ import pytest
 from psycopg.types.json import Jsonb
 from structlog.testing import capture_logs
 
-from cdc import backfill, cutover, deploy, migrate, reconcile
+from cdc import backfill, capture, cutover, deploy, migrate, reconcile
+from cdc import stage as stage_mod
 from cdc.backfill import BackfillConfig
 from cdc.contract import rebuild_jsonb, restore_archive
 from cdc.demo import interrupt_restore
@@ -39,6 +40,10 @@ def to_table(url: str, tenants: list[str] | None = None) -> list[str]:
         )
         conn.commit()
     return names
+
+
+def stage_of(conn: psycopg.Connection[Any], tenant: str) -> Stage:
+    return stage_mod.get(conn, tenant).stage
 
 
 def images_by_product(url: str, tenants: list[str]) -> dict[tuple[str, int], Any]:
@@ -263,3 +268,23 @@ def test_a_killed_restore_leaves_the_table_the_truth_until_it_is_finished(
         assert conn.execute(count_rows).fetchone() == rows
     assert images_by_product(migrated_url, ["user_1"]) == before, "restored exactly"
     assert deploy.rollback(migrated_url, ["user_1"], reason="test") == {"user_1": Stage.SHADOW_READ}
+
+
+def test_a_restore_killed_while_installing_its_triggers_is_finished_with_them(
+    migrated_url: str,
+) -> None:
+    """The stage and the triggers it needs commit together: a downgrade SIGKILLed while it
+    installs them leaves the tenant contracted, and finishing it installs every one."""
+    to_table(migrated_url, ["user_5"])
+    with psycopg.connect(migrated_url) as conn:
+        wanted = capture.installed_triggers(conn, "user_5")
+    assert wanted, "stage table has capture and reverse triggers"
+    migrate.upgrade(migrated_url, tenants=["user_5"], revision=migrate.CONTRACT, options=NOW)
+    assert interrupt_restore(migrated_url, "user_5", at="triggers") is not None
+    with psycopg.connect(migrated_url) as conn:
+        assert cutover.restore_unfinished(conn, "user_5")
+        assert stage_of(conn, "user_5") is Stage.CONTRACTED, "no stage without its triggers"
+    assert deploy.rollback(migrated_url, ["user_5"], reason="test") == {"user_5": Stage.TABLE}
+    with psycopg.connect(migrated_url) as conn:
+        assert capture.installed_triggers(conn, "user_5") == wanted
+        assert not cutover.restore_unfinished(conn, "user_5")

@@ -75,6 +75,16 @@ def test_one_step_forward_to_dual_write_needs_no_evidence(conn: PG) -> None:
     assert _audits(conn) == [(T, "jsonb", "dual_write", "ops", "because", False)]
 
 
+def test_dual_write_needs_the_expand_migration_finished(conn: PG) -> None:
+    """A `migrate upgrade` interrupted after 0001 leaves the stage row without the event
+    log: capture would fail every write (kept, but not captured). Refused until it is
+    run again."""
+    conn.execute(f"UPDATE {T}.alembic_version SET version_num = '0001_expand'")
+    with pytest.raises(GuardRefusedError, match="expand migration has not finished"):
+        _change(conn, "dual_write")
+    assert stage_mod.get(conn, T).stage is Stage.JSONB
+
+
 def test_shadow_read_needs_completed_backfill_and_clean_verify(conn: PG) -> None:
     """shadow_read is refused until the backfill is done and the latest verify is clean."""
     move(conn, T, Stage.DUAL_WRITE)

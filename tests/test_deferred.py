@@ -212,3 +212,19 @@ def test_concurrent_log_function_rewrites_queue_instead_of_failing(
     ).fetchone()
     assert fn is not None
     assert "'before', OLD.images, 'after', NEW.images" in str(fn[0])  # the last one won
+
+
+def test_back_to_inline_projects_what_is_pending_in_the_same_transaction(conn: Conn) -> None:
+    """Switching to inline leaves no event pending, even one logged after the projector's
+    last run: nothing projects an inline tenant's log later, and at stage table the
+    reconciler would take the table without it for the truth."""
+    deferred(conn)
+    pid = new_product(conn, [img(A, 0)])
+    assert project.project(conn, TENANT) >= 1
+    write_images(conn, pid, [img(A, 0), img(B, 1)])  # logged after the projector ran
+    assert project.lag(conn, TENANT).pending == 1
+    with conn.transaction():
+        project.set_mode(conn, TENANT, "inline")
+    assert project.lag(conn, TENANT).pending == 0
+    assert urls_of(conn, pid) == [A, B]
+    assert in_sync(conn, pid)

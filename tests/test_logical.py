@@ -408,3 +408,17 @@ def test_truncated_messages_are_a_protocol_error() -> None:
             pgoutput.parse(data)
     assert pgoutput.lsn_int(pgoutput.lsn_text(0x1_0000_00AB)) == 0x1_0000_00AB
     assert pgoutput.lsn_text(0x16B3748) == "0/16B3748"
+
+
+def test_reconcile_drops_a_slot_left_without_a_tenant(lconn: Conn, lurl: str) -> None:
+    """`project --mode inline` killed between its switch and the slot's drop leaves a slot
+    that no tenant uses and that keeps WAL forever: the next reconcile drops it."""
+    project.switch(lconn, TENANT, "logical")
+    assert logical.slot_exists(lconn)
+    with lconn.transaction():  # the switch back, without the drop that follows it
+        project.set_mode(lconn, TENANT, "inline")
+    assert logical.slot_exists(lconn)
+    assert logical.published(lconn) == set()
+    [outcome] = reconcile.run(lurl, [TENANT], mode="reconcile")
+    assert outcome.exit_code == 0
+    assert not logical.slot_exists(lconn)
