@@ -37,7 +37,7 @@ from psycopg import sql
 from cdc import checkpoint, logical
 from cdc.db import Conn
 from cdc.ddl import run_ddl
-from cdc.errors import InvalidStageError, LogicalCaptureError
+from cdc.errors import InvalidStageError, LogicalCaptureError, StageRefusedError
 
 log = structlog.get_logger(__name__)
 
@@ -155,6 +155,8 @@ STAGES: Final = ("jsonb", "dual_write", "shadow_read", "table", "contracted")
 PROJECTIONS: Final = ("inline", "deferred", "logical")
 #: The stages in which a logical tenant's products are in the publication.
 PUBLISHED_STAGES: Final = ("dual_write", "shadow_read")
+#: Where the table is the truth: only inline projection keeps it current at every write.
+TABLE_STAGES: Final = ("table", "contracted")
 
 
 def triggers_for(
@@ -288,13 +290,21 @@ def apply_stage(conn: Conn, tenant: str, stage: str) -> None:
         )
         log.warning("back at stage jsonb: logical capture ends, now deferred", tenant=tenant)
         projection = "deferred"
-    if projection == "logical" and stage == "table":
+    if projection == "logical" and stage in TABLE_STAGES:
         raise LogicalCaptureError(
             tenant=tenant,
             reason="stage table runs the reverse sync, whose JSONB writes the WAL cannot "
-            "tell from the legacy app's; switch the tenant to deferred first "
-            "(`imgmig project --tenant T --mode deferred`)",
+            "tell from the legacy app's; switch the tenant to inline first "
+            "(`imgmig project --tenant T --mode inline`)",
         )
+    if projection == "deferred" and stage in TABLE_STAGES:
+        raise StageRefusedError(
+            tenant=tenant, stage=stage, action="project deferred",
+            why="from stage table on the services write the table, and a service write "
+            "to a product whose legacy write still waits in the log would be projected "
+            "over it; switch the tenant to inline first (`imgmig project --tenant T "
+            "--mode inline` applies what is pending)",
+        )  # fmt: skip
     wanted = triggers_for(stage, projection, inline=inline_triggers(conn))
     wanted_names = {spec.name for spec in wanted}
     present = installed_triggers(conn, tenant)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import structlog
 from psycopg import sql
 
-from cdc import migrate
+from cdc import checkpoint, migrate
 from cdc import stage as stage_mod
 from cdc.db import Conn
 from cdc.errors import GuardRefusedError, ImgmigError, ReasonRequiredError, StageRefusedError
@@ -67,21 +67,34 @@ def _table(name: str) -> sql.Identifier:
 
 
 def backfill_done(conn: Conn, tenant: str) -> bool:
-    """Whether the tenant's backfill has finished."""
-    query = sql.SQL("SELECT status FROM {} WHERE tenant = %s").format(_table("backfill_state"))
-    row = _one(conn, query, (tenant,))
-    return row is not None and row[0] == "done"
+    """Whether a backfill has finished since capture was last turned on.
+
+    A return to stage ``jsonb`` voids an earlier one: products changed unseen meanwhile,
+    and the table no longer follows them (``checkpoint.log_complete``).
+    """
+    return checkpoint.log_complete(conn, tenant)
 
 
 def verify_problem(conn: Conn, tenant: str) -> str | None:
-    """Why the tenant's latest verify or reconcile run is not clean, or None if it is."""
+    """Why the tenant's latest verify or reconcile run is not clean, or None if it is.
+
+    A run from before the tenant's latest return to stage ``jsonb`` does not count: the
+    legacy writes made while capture was off reached only the JSONB.
+    """
     query = sql.SQL(
-        "SELECT id, finished_at IS NOT NULL, drift_total FROM {} "
-        "WHERE tenant = %s ORDER BY id DESC LIMIT 1"
-    ).format(_table("verify_runs"))
+        "SELECT v.id, v.finished_at IS NOT NULL, v.drift_total, "
+        "v.started_at < (SELECT max(a.at) FROM {audit} a "
+        "                 WHERE a.tenant = v.tenant AND a.to_stage = 'jsonb') "
+        "FROM {runs} v WHERE v.tenant = %s ORDER BY v.id DESC LIMIT 1"
+    ).format(runs=_table("verify_runs"), audit=_table("stage_audit"))
     row = _one(conn, query, (tenant,))
     if row is None:
         return "no verify run recorded"
+    if row[3]:
+        return (
+            f"the latest verify run (id {row[0]}) is older than the tenant's last return "
+            "to stage jsonb"
+        )
     if not row[1]:
         return f"the latest verify run (id {row[0]}) has not finished"
     if row[2] != 0:

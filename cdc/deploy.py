@@ -196,18 +196,19 @@ class _Runner:
     def _stage(self, tenant: str, target: Stage, *, force_why: str | None = None) -> None:
         reason = f"{self.options.reason}: {force_why}" if force_why else self.options.reason
         if target is Stage.TABLE:
-            self._leave_logical(tenant)
+            self._to_inline(tenant)
         with connect(self.url) as conn:
             cutover.change_stage(conn, tenant, target, reason=reason, force=force_why is not None)
             conn.commit()
 
-    def _leave_logical(self, tenant: str) -> None:
-        """Logical capture cannot follow a tenant into stage table (cdc.capture says
-        why): a logical tenant goes deferred first, the closest mode that can."""
+    def _to_inline(self, tenant: str) -> None:
+        """Stage table needs inline projection (``cdc.capture.apply_stage`` says why): a
+        deferred or logical tenant switches first, which applies what is pending."""
         with connect(self.url, autocommit=True) as conn:
-            if capture.projection_of(conn, tenant) == "logical":
-                project.switch(conn, tenant, "deferred")
-                log.info("logical capture ends before stage table: now deferred", tenant=tenant)
+            mode = capture.projection_of(conn, tenant)
+            if mode != "inline":
+                project.switch(conn, tenant, "inline")
+                log.info("projection inline before stage table", tenant=tenant, was=mode)
 
     def _refresh_labels(self, tenant: str) -> None:
         """Before the table is served: label decisions re-derived on today's images."""

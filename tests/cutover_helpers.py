@@ -44,8 +44,9 @@ def backfill(conn: PG, tenant: str) -> None:
     ids = [r[0] for r in conn.execute(tq("SELECT id FROM {products}", tenant)).fetchall()]
     conn.execute("SELECT imgmig.snapshot(%s, %s, 'backfill')", (tenant, ids))
     conn.execute(
-        "INSERT INTO imgmig.backfill_state (tenant, status, finished_at) "
-        "VALUES (%s, 'done', now()) ON CONFLICT (tenant) DO UPDATE SET status = 'done'",
+        "INSERT INTO imgmig.backfill_state (tenant, status, started_at, finished_at) "
+        "VALUES (%s, 'done', now(), now()) ON CONFLICT (tenant) DO UPDATE "
+        "SET status = 'done', started_at = now(), finished_at = now()",
         (tenant,),
     )
 

@@ -103,6 +103,23 @@ def test_shadow_read_needs_completed_backfill_and_clean_verify(conn: PG) -> None
     assert _change(conn, "shadow_read").to_stage is Stage.SHADOW_READ
 
 
+def test_a_return_to_jsonb_voids_the_backfill_and_the_verify_before_it(conn: PG) -> None:
+    """Capture was off while back at jsonb, so legacy writes reached only the JSONB:
+    shadow_read needs a backfill and a verify from after that return, not before it."""
+    move(conn, T, Stage.DUAL_WRITE)
+    backfill(conn, T)
+    record_verify(conn, T)
+    move(conn, T, Stage.JSONB)
+    move(conn, T, Stage.DUAL_WRITE)
+    with pytest.raises(GuardRefusedError) as info:
+        _change(conn, "shadow_read")
+    assert "the backfill has not completed" in info.value.reasons
+    assert any("older than the tenant's last return" in r for r in info.value.reasons)
+    backfill(conn, T)
+    record_verify(conn, T)
+    assert _change(conn, "shadow_read").to_stage is Stage.SHADOW_READ
+
+
 def test_table_needs_shadow_reads_without_mismatches(conn: PG, migrated_url: str) -> None:
     """table is refused with no shadow reads, or with a mismatch; allowed after clean reads."""
     bring_to(conn, T, Stage.SHADOW_READ)

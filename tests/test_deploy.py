@@ -10,7 +10,7 @@ import sys
 import psycopg
 import pytest
 
-from cdc import deploy
+from cdc import capture, deploy, project
 from cdc.deploy import DeployOptions, Step
 from cdc.errors import DeployStoppedError
 from cdc.stage import Stage
@@ -89,6 +89,57 @@ def test_rollback_goes_back_one_step_at_a_time(seeded_url: str) -> None:
     result = deploy.rollback(seeded_url, ["user_4"], to=Stage.DUAL_WRITE, reason="test")
     assert result == {"user_4": Stage.DUAL_WRITE}
     assert deploy.rollback(seeded_url, ["user_4"], reason="test") == {"user_4": Stage.DUAL_WRITE}
+
+
+def test_a_trip_back_to_jsonb_is_backfilled_and_verified_again(seeded_url: str) -> None:
+    """Legacy writes made while the tenant was back at jsonb (capture off) reach the table
+    before it becomes the truth: the next run backfills and verifies again."""
+    with pytest.raises(DeployStoppedError, match="shadow"):
+        deploy.run(seeded_url, ["user_4"], FAST)
+    assert deploy.rollback(seeded_url, ["user_4"], to=Stage.JSONB, reason="test") == {
+        "user_4": Stage.JSONB
+    }
+    with psycopg.connect(seeded_url) as conn:
+        written = conn.execute(
+            "UPDATE user_4.products SET images = images || jsonb_build_array(jsonb_build_object("
+            "'url', 'https://cdn.example/while-off-' || id || '.jpg', "
+            "'order', jsonb_array_length(images))) WHERE id % 10 = 0"
+        ).rowcount
+    assert written > 0
+    with pytest.raises(DeployStoppedError, match="shadow"):
+        deploy.run(seeded_url, ["user_4"], FAST)
+    shadow_reads(seeded_url)
+    deploy.run(seeded_url, ["user_4"], FAST)
+    with psycopg.connect(seeded_url) as conn:
+        kept = conn.execute(
+            "SELECT count(*) FROM user_4.product_images WHERE url LIKE '%/while-off-%'"
+        ).fetchone()
+    assert kept == (written,)
+    assert stages(seeded_url)["user_4"] == "contracted"
+
+
+def test_a_deferred_tenant_goes_inline_before_table_with_its_log_applied(seeded_url: str) -> None:
+    """Stage table needs inline projection: the run switches a deferred tenant first, which
+    projects the legacy writes still waiting in its log, so the contract loses none."""
+    with pytest.raises(DeployStoppedError, match="shadow"):
+        deploy.run(seeded_url, ["user_5"], FAST)
+    with psycopg.connect(seeded_url, autocommit=True) as conn:
+        project.switch(conn, "user_5", "deferred")
+        written = conn.execute(
+            "UPDATE user_5.products SET images = images || jsonb_build_array(jsonb_build_object("
+            "'url', 'https://cdn.example/deferred-' || id || '.jpg', "
+            "'order', jsonb_array_length(images))) WHERE id % 10 = 0"
+        ).rowcount
+        assert project.lag(conn, "user_5").pending >= written > 0
+    shadow_reads(seeded_url)
+    deploy.run(seeded_url, ["user_5"], FAST)
+    assert stages(seeded_url)["user_5"] == "contracted"
+    with psycopg.connect(seeded_url) as conn:
+        kept = conn.execute(
+            "SELECT count(*) FROM user_5.product_images WHERE url LIKE '%/deferred-%'"
+        ).fetchone()
+        assert kept == (written,)
+        assert capture.projection_of(conn, "user_5") == "inline"
 
 
 @pytest.mark.slow

@@ -311,7 +311,7 @@ def test_a_lost_slot_stops_the_drain_and_the_way_back_still_works(
     with pytest.raises(LogicalCaptureError, match="lost WAL"):
         project.project(lconn, TENANT)
     project.switch(lconn, TENANT, "deferred")
-    assert capture.projection_of(lconn, TENANT) == "deferred"
+    assert capture.projection_of(lconn, TENANT) == "inline"
     assert not logical.slot_exists(lconn)
     (outcome,) = reconcile.run(lurl, [TENANT])
     assert outcome.exit_code == runs.REPAIRED
@@ -319,9 +319,10 @@ def test_a_lost_slot_stops_the_drain_and_the_way_back_still_works(
     assert events_of(lconn, pid)[-1][1]["after"] == [img(B, 0)]  # logged by reconcile
 
 
-def test_deploy_takes_a_logical_tenant_to_table_by_way_of_deferred(lconn: Conn, lurl: str) -> None:
-    """Stage table refuses a logical tenant; the deploy sequence switches it to deferred
-    before that step, drops the unused slot, and the tenant arrives exact."""
+def test_deploy_takes_a_logical_tenant_to_table_inline(lconn: Conn, lurl: str) -> None:
+    """Stage table refuses a logical tenant (and a deferred one); the deploy sequence
+    switches it to inline before that step, drops the unused slot, and the tenant arrives
+    exact."""
     project.switch(lconn, TENANT, "logical")
     pid = new_product(lconn, [img(A, 0)])
     options = deploy.DeployOptions(shadow_wait_s=0.1, contract_min_table_age_s=0)

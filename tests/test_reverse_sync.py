@@ -7,7 +7,10 @@ import threading
 import psycopg
 import pytest
 
-from cdc import project
+from cdc import capture, cutover, project
+from cdc import stage as stage_mod
+from cdc.errors import StageRefusedError
+from cdc.stage import Stage
 from tests.capture_support import (
     TENANT,
     Conn,
@@ -163,20 +166,26 @@ def test_concurrent_table_writes_to_one_product_lose_nothing(
     assert in_sync(c, pid)
 
 
-def test_table_stage_with_deferred_projection(table_stage: Conn) -> None:
-    """In stage table with deferred projection, table writes still reach the JSONB at once
-    and legacy JSONB writes reach the rows when the projector runs."""
+def test_table_stage_refuses_deferred_projection(table_stage: Conn) -> None:
+    """From stage table on the services write the table, and their reverse sync logs the
+    product's new state: a legacy write still waiting in a deferred log would then be
+    projected over, or lost under, their next write to the same product. So stage table
+    keeps projection inline: deferred is refused there, and nothing changes."""
     c = table_stage
-    with c.transaction():
+    with (
+        pytest.raises(StageRefusedError, match="switch the tenant to inline"),
+        c.transaction(),
+    ):
         project.set_mode(c, TENANT, "deferred")
-    pid = new_product(c, [img(A, 0)])
-    project.project(c, TENANT)
-    c.execute(f"UPDATE {TENANT}.product_images SET alt_text = 'svc' WHERE product_id = %s", (pid,))
-    assert images_of(c, pid) == [img(A, 0, alt_text="svc")]
-    assert events_of(c, pid)[-1][2] == "service"
-    write_images(c, pid, [img(A, 0, alt_text="svc"), img(B, 1)])
-    assert [r[1] for r in rows_of(c, pid)] == [A]
-    project.project(c, TENANT)
-    assert [r[1] for r in rows_of(c, pid)] == [A, B]
-    assert images_of(c, pid) == [img(A, 0, alt_text="svc"), img(B, 1)]
-    assert in_sync(c, pid)
+    assert capture.projection_of(c, TENANT) == "inline"
+    assert capture.installed_triggers(c, TENANT) >= {s.name for s in capture.CAPTURE}
+
+
+def test_a_deferred_tenant_cannot_enter_table(conn: Conn) -> None:
+    """Entering stage table with deferred projection is refused, forced or not."""
+    with conn.transaction():
+        project.set_mode(conn, TENANT, "deferred")
+    go(conn, "shadow_read")
+    with pytest.raises(StageRefusedError, match="project deferred"), conn.transaction():
+        cutover.change_stage(conn, TENANT, "table", reason="test", force=True)
+    assert stage_mod.get(conn, TENANT).stage is Stage.SHADOW_READ
