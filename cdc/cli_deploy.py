@@ -114,10 +114,27 @@ def rollback(
     out.print({t: s.value for t, s in stages.items()})
 
 
-def archive_restore(tenant: Annotated[list[str], typer.Option("--tenant", "-t")]) -> None:
-    """Write the archived JSONB back over products whose JSONB differs."""
+def archive_restore(
+    tenant: Annotated[list[str], typer.Option("--tenant", "-t")],
+    include_changed: Annotated[
+        bool,
+        typer.Option(
+            help="Also put the archived images back over products changed since the "
+            "contract, reverting those changes (the event log keeps them)."
+        ),
+    ] = False,
+) -> None:
+    """Write the archived JSONB back where it holds the same images as the rows."""
     with connect(url()) as conn:
         for name in resolve(conn, tenant):
-            restored = contract.restore_archive(conn, name)
+            restored, changed = contract.restore_archive(
+                conn, name, include_changed=include_changed
+            )
             conn.commit()
-            out.print(f"{name}: restored {restored} products from the archive")
+            line = f"{name}: restored {restored} products from the archive"
+            if changed and not include_changed:
+                line += (
+                    f"; {changed} changed since the contract, left alone "
+                    "(--include-changed reverts them)"
+                )
+            out.print(line)

@@ -206,12 +206,17 @@ def _archive_count(conn: Conn, tenant: str) -> int | None:
     return int(row[0]) if row else 0
 
 
-def restore_archive(conn: Conn, tenant: str) -> int:
+def restore_archive(conn: Conn, tenant: str, *, include_changed: bool = False) -> tuple[int, int]:
     """``imgmig archive restore``: put archived JSONB back where the column exists.
 
-    Only products whose JSONB differs are written; products created after the archive are
-    left alone. Refuses if the column is gone, or back but not yet rebuilt (run the
-    downgrade, or run it again, first).
+    Returns (products written, products whose images changed since the archive). By
+    default only the archived *bytes* go back: a product is written only where its
+    archived images equal its rows' in canonical form (legacy quirks such as a missing
+    ``order`` come back; no image is added, removed or moved). A product changed since
+    the contract is counted and left alone, unless ``include_changed``: then its archived
+    images replace the change (capture logs the write, so the event log keeps both).
+    Products created after the archive are left alone. Refuses if the column is gone, or
+    back but not yet rebuilt (run the downgrade, or run it again, first).
     """
     if not cutover.jsonb_column_exists(conn, tenant):
         raise ContractRefusedError(
@@ -223,11 +228,24 @@ def restore_archive(conn: Conn, tenant: str) -> int:
         raise ContractRefusedError(
             tenant=tenant, reasons=(cutover.RESTORE_UNFINISHED,), action="restore the archive of"
         )
-    cur = conn.execute(
-        sql.SQL(
-            "UPDATE {products} p SET images = a.images FROM {archive} a "
-            "WHERE a.tenant = %s AND a.product_id = p.id AND p.images IS DISTINCT FROM a.images"
-        ).format(products=sql.Identifier(tenant, "products"), archive=ARCHIVE),
-        (tenant,),
-    )
-    return cur.rowcount
+    row = conn.execute(
+        _RESTORE_ARCHIVE.format(products=sql.Identifier(tenant, "products"), archive=ARCHIVE),
+        {"tenant": tenant, "all": include_changed},
+    ).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+_RESTORE_ARCHIVE = sql.SQL(
+    """WITH a AS (SELECT product_id, images FROM {archive} WHERE tenant = %(tenant)s),
+            r AS (SELECT * FROM imgmig.rows_images(
+                    %(tenant)s, (SELECT array_agg(product_id) FROM a))),
+            differ AS (
+              SELECT a.product_id, a.images,
+                     imgmig.images_hash(a.images) = imgmig.images_hash(r.images) AS same
+                FROM a JOIN r USING (product_id) JOIN {products} p ON p.id = a.product_id
+               WHERE p.images IS DISTINCT FROM a.images),
+            written AS (
+              UPDATE {products} p SET images = d.images FROM differ d
+               WHERE p.id = d.product_id AND (d.same OR %(all)s) RETURNING 1)
+       SELECT (SELECT count(*) FROM written), (SELECT count(*) FROM differ WHERE NOT same)"""
+)

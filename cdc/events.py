@@ -49,8 +49,46 @@ def replay(conn: Conn, tenant: str) -> int:
     change event of each product, through the canonical mapping. Row ids are new;
     everything the events carried (table-only values reach the log through the reverse
     sync) comes back.
+
+    Label decisions are kept. The label strategies, the legacy evidence and the review
+    queue set ``is_label``, ``label_strategy`` and ``label_confidence`` on the rows
+    directly, and before stage ``table`` nothing logs that. So they are set aside first,
+    then put back on the rebuilt rows of the same product and url (the n-th copy of a
+    url on the n-th), unless the events decided that row (an explicit flag) or another
+    row of the product is the label now.
     """
+    images = sql.Identifier(tenant, "product_images")
+    conn.execute("DROP TABLE IF EXISTS pg_temp.imgmig_replay_labels")
+    conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE imgmig_replay_labels ON COMMIT DROP AS "
+            "SELECT product_id, url, is_label, label_strategy, label_confidence, "
+            '       row_number() OVER (PARTITION BY product_id, url ORDER BY "order") AS nth '
+            "  FROM {} WHERE label_strategy IS DISTINCT FROM 'explicit' "
+            "   AND label_strategy IS NOT NULL"
+        ).format(images)
+    )
     row = conn.execute("SELECT imgmig.replay(%s)", (tenant,)).fetchone()
     count = int(row[0]) if row is not None else 0
-    log.info("replayed event log", tenant=tenant, products=count)
+    # Quiet, as the replay itself: the reverse sync leaves the JSONB and the log alone.
+    was = conn.execute("SELECT current_setting('imgmig.syncing', true)").fetchone()
+    conn.execute("SELECT set_config('imgmig.syncing', 'capture', true)")
+    kept = conn.execute(_PUT_BACK.format(images=images)).rowcount
+    conn.execute("SELECT set_config('imgmig.syncing', %s, true)", ((was[0] if was else "") or "",))
+    log.info("replayed event log", tenant=tenant, products=count, label_decisions_kept=kept)
     return count
+
+
+_PUT_BACK = sql.SQL(
+    """UPDATE {images} r
+          SET is_label = k.is_label, label_strategy = k.label_strategy,
+              label_confidence = k.label_confidence
+         FROM (SELECT i.id, i.product_id, i.url,
+                      row_number() OVER (PARTITION BY i.product_id, i.url ORDER BY i."order") AS nth
+                 FROM {images} i) n
+         JOIN pg_temp.imgmig_replay_labels k
+           ON k.product_id = n.product_id AND k.url = n.url AND k.nth = n.nth
+        WHERE r.id = n.id AND r.label_strategy IS NULL
+          AND NOT (k.is_label AND EXISTS (
+                SELECT 1 FROM {images} x WHERE x.product_id = r.product_id AND x.is_label))"""
+)

@@ -86,3 +86,29 @@ def test_replay_command(conn: Conn, migrated_url: str) -> None:
     assert result.returncode == 0, result.stderr
     assert "rebuilt from events" in result.stdout
     assert canonical_table(conn) == live
+
+
+def test_replay_keeps_the_label_decisions_no_event_carries(conn: Conn) -> None:
+    """The label strategies and the review queue decide on the rows directly, and before
+    stage table nothing logs it: a replay, even at stage table, keeps every decision."""
+    go(conn, "dual_write")
+    ids = [int(r[0]) for r in conn.execute(f"SELECT id FROM {TENANT}.products").fetchall()]
+    conn.execute("SELECT imgmig.snapshot(%s, %s, 'backfill')", (TENANT, ids))
+    decided = conn.execute(
+        f"UPDATE {TENANT}.product_images r SET is_label = (r.product_id % 2 = 0), "
+        "label_strategy = 'legacy_image_type', label_confidence = 0.9 "
+        f"WHERE r.id IN (SELECT DISTINCT ON (product_id) id FROM {TENANT}.product_images "
+        'WHERE NOT is_label ORDER BY product_id, "order" DESC LIMIT 12) '
+        "AND NOT EXISTS (SELECT 1 FROM "
+        f"{TENANT}.product_images x WHERE x.product_id = r.product_id AND x.is_label)"
+    ).rowcount
+    assert decided == 12
+    go(conn, "table")
+    decisions = (
+        f'SELECT product_id, url, "order", is_label, label_strategy, label_confidence '
+        f"FROM {TENANT}.product_images WHERE label_strategy IS NOT NULL ORDER BY 1, 3"
+    )
+    before = conn.execute(decisions).fetchall()
+    with conn.transaction():
+        events.replay(conn, TENANT)
+    assert conn.execute(decisions).fetchall() == before
