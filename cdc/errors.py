@@ -309,6 +309,27 @@ class NotAPermutationError(ImageServiceError):
 
 
 @dataclass(eq=False)
+class StageChangedError(ImageServiceError):
+    """The tenant's stage moved during the request's transaction: retry the request.
+
+    The service holds the stage row under ``FOR KEY SHARE`` for the whole transaction, so
+    a stage change waits for it. Only a caller that rolled back a savepoint in which that
+    lock was taken lets the change through; what the transaction did may then have
+    assumed the old stage, so it must not commit.
+    """
+
+    tenant: str
+    was: str
+    now: str
+
+    def message(self) -> str:
+        return (
+            f"tenant {self.tenant!r} moved from stage {self.was!r} to {self.now!r} during "
+            "this transaction; roll it back and retry"
+        )
+
+
+@dataclass(eq=False)
 class LabelConflictError(ImageServiceError):
     """Marking a second label on a product that already has one."""
 

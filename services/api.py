@@ -46,6 +46,7 @@ STATUS: dict[type[errors.ImgmigError], int] = {
     errors.ProductNotFoundError: 404,
     errors.ImageNotFoundError: 404,
     errors.LabelConflictError: 409,
+    errors.StageChangedError: 409,
     errors.PhotoLimitError: 409,
     errors.NotMigratedError: 409,
     errors.MalformedImagesError: 409,

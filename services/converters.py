@@ -136,7 +136,13 @@ def ebay_inventory_item(product: ProductInfo, photos: Sequence[ImageView]) -> Co
 
 
 def load_product(service: ProductImageService, product_id: int) -> ProductInfo:
-    """The product's own fields (never the JSONB column, which may be gone)."""
+    """The product's own fields (never the JSONB column, which may be gone).
+
+    The stage row is locked first, as for every service read: a stage change takes the
+    tenant's table locks after the stage row's, so reading ``products`` before it could
+    deadlock with, say, the contract.
+    """
+    service.stage()
     products = cast(Table, Product.__table__)
     row = service.session.execute(
         select(products.c.id, products.c.sku, products.c.title, products.c.brand, products.c.price)

@@ -35,6 +35,7 @@ from cdc.errors import (
     NotMigratedError,
     PhotoLimitError,
     ProductNotFoundError,
+    StageChangedError,
 )
 from cdc.stage import Stage
 from services import shadow
@@ -122,13 +123,21 @@ class ProductImageService:
         return self._product_of(image_id)
 
     def stage(self) -> Stage:
-        """The tenant's stage for this transaction, read once under ``FOR KEY SHARE``."""
+        """The tenant's stage for this transaction, held under ``FOR KEY SHARE``.
+
+        Read again on every call, a one-row key lookup: a savepoint rolled back by the
+        caller releases the lock taken inside it, and a stage change could then go
+        through. If the stage moved since this transaction first read it, the work done
+        so far assumed the old one: :class:`StageChangedError`, and nothing commits.
+        """
         memo = self.session.info.get(_MEMO)
         current = self.session.get_transaction()
-        if memo is not None and current is not None and memo[:2] == (current, self.tenant):
-            return Stage(memo[2])
         stage = self._load_stage()
-        self.session.info[_MEMO] = (self.session.get_transaction(), self.tenant, stage)
+        if memo is not None and current is not None and memo[:2] == (current, self.tenant):
+            if Stage(memo[2]) is not stage:
+                raise StageChangedError(tenant=self.tenant, was=memo[2], now=stage.value)
+            return stage
+        self.session.info[_MEMO] = (current, self.tenant, stage.value)
         if self.settings.heartbeat is not None:
             self.settings.heartbeat.beat(self.tenant, stage)
         return stage

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import psycopg
+import pytest
 from psycopg import sql
 
 from cdc.stage import Stage
@@ -12,6 +14,7 @@ from services.converters import (
     ProductInfo,
     VintedProductConverter,
     ebay_inventory_item,
+    load_product,
     vinted_item,
 )
 from services.image_types import LABEL_COPY, ImageView
@@ -142,3 +145,18 @@ def test_converters_follow_the_flag_in_a_jsonb_stage(conn: PG, migrated_url: str
         with service(engine, tenant) as svc:
             result = EbayProductConversionService(svc).convert(product_id)
     assert first.url not in result.payload["body"]["product"]["imageUrls"]
+
+
+def test_the_product_is_read_under_the_stage_lock(conn: PG, migrated_url: str) -> None:
+    """A conversion locks the stage row before it reads ``products``, as every service read
+    does: a stage change (the contract, say) takes the table locks after the stage row's,
+    and the other order could deadlock."""
+    bring_to(conn, "user_1", Stage.TABLE)
+    with engine_for(migrated_url) as engine, service(engine, "user_1") as svc:
+        load_product(svc, 1)
+        with psycopg.connect(migrated_url) as other:
+            other.execute("SET lock_timeout = '200ms'")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                other.execute(
+                    "SELECT 1 FROM imgmig.tenant_state WHERE tenant = 'user_1' FOR UPDATE"
+                )

@@ -311,7 +311,7 @@ def test_a_lost_slot_stops_the_drain_and_the_way_back_still_works(
     with pytest.raises(LogicalCaptureError, match="lost WAL"):
         project.project(lconn, TENANT)
     project.switch(lconn, TENANT, "deferred")
-    assert capture.projection_of(lconn, TENANT) == "inline"
+    assert capture.projection_of(lconn, TENANT) == "deferred"
     assert not logical.slot_exists(lconn)
     (outcome,) = reconcile.run(lurl, [TENANT])
     assert outcome.exit_code == runs.REPAIRED
@@ -332,7 +332,7 @@ def test_deploy_takes_a_logical_tenant_to_table_inline(lconn: Conn, lurl: str) -
     with pytest.raises(DeployStoppedError, match="confirm-contract"):  # table reached
         deploy.run(lurl, [TENANT], options)
     assert scalar(lconn, sql.SQL("SELECT stage FROM imgmig.tenant_state")) == "table"
-    assert capture.projection_of(lconn, TENANT) == "deferred"
+    assert capture.projection_of(lconn, TENANT) == "inline"
     assert not logical.slot_exists(lconn)
     assert [kind for kind, _, _ in events_of(lconn, pid)][:1] == ["images.inserted"]
     assert in_sync(lconn, pid)

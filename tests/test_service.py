@@ -3,10 +3,14 @@ other side synced by the triggers, and changes that survive moving forward and b
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 
+from cdc import cutover
+from cdc.errors import StageChangedError
 from cdc.stage import Stage
 from services.image_types import ImageView
 from tests.cutover_helpers import (
@@ -14,6 +18,7 @@ from tests.cutover_helpers import (
     SYNCED,
     backfill,
     bring_to,
+    connect,
     engine_for,
     move,
     out_of_sync,
@@ -172,3 +177,26 @@ def test_a_copy_of_the_label_is_not_a_photo(conn: PG, migrated_url: str, stage: 
         label = svc.get_label_image(7)
         assert label is not None
         assert label.url == tag
+
+
+def test_a_stage_change_let_through_by_a_rolled_back_savepoint_fails_the_transaction(
+    conn: PG, migrated_url: str
+) -> None:
+    """The stage row's lock, taken inside a savepoint the caller rolls back, goes with it:
+    the kill switch can then move the tenant. The service notices at its next call and
+    refuses to go on with the old stage, so nothing it wrote commits."""
+    bring_to(conn, T, Stage.TABLE)
+    with engine_for(migrated_url) as engine, service(engine, T) as svc:
+        with contextlib.suppress(ZeroDivisionError), svc.session.begin_nested():
+            assert svc.stage() is Stage.TABLE
+            raise ZeroDivisionError  # the caller's own error: the savepoint rolls back
+        with connect(migrated_url) as other:  # not blocked: the lock went with it
+            moved = cutover.kill_switch(other, reason="test")
+        assert {m.tenant: m.to_stage for m in moved}[T] is Stage.DUAL_WRITE
+        with pytest.raises(StageChangedError, match="'table' to 'dual_write'"):
+            svc.add_image(1, {"url": "https://cdn.example/after-switch.jpg", "mime_type": JPEG})
+        svc.session.rollback()
+    kept = conn.execute(
+        tq("SELECT count(*) FROM {images} WHERE url LIKE '%/after-switch.jpg'", T)
+    ).fetchone()
+    assert kept == (0,)
