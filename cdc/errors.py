@@ -310,12 +310,13 @@ class NotAPermutationError(ImageServiceError):
 
 @dataclass(eq=False)
 class StageChangedError(ImageServiceError):
-    """The tenant's stage moved during the request's transaction: retry the request.
+    """The tenant's stage moved while a transaction relied on it: retry.
 
     The service holds the stage row under ``FOR KEY SHARE`` for the whole transaction, so
     a stage change waits for it. Only a caller that rolled back a savepoint in which that
     lock was taken lets the change through; what the transaction did may then have
-    assumed the old stage, so it must not commit.
+    assumed the old stage, so it must not commit. A reconcile repair chunk checks the
+    stage its verify ran under the same way (its earlier chunks were done under it).
     """
 
     tenant: str
@@ -324,8 +325,8 @@ class StageChangedError(ImageServiceError):
 
     def message(self) -> str:
         return (
-            f"tenant {self.tenant!r} moved from stage {self.was!r} to {self.now!r} during "
-            "this transaction; roll it back and retry"
+            f"tenant {self.tenant!r} moved from stage {self.was!r} to {self.now!r} while "
+            "this transaction ran; it is rolled back: retry"
         )
 
 

@@ -40,7 +40,7 @@ from cdc import label_heuristics, locks, logical, project, runs
 from cdc import stage as stage_mod
 from cdc import verify as verify_mod
 from cdc.db import Conn, connect
-from cdc.errors import ImgmigError, StageRefusedError
+from cdc.errors import ImgmigError, StageChangedError, StageRefusedError
 from cdc.stage import Stage
 from cdc.tenants import resolve
 
@@ -60,6 +60,8 @@ class Outcome:
 
 
 _LOCK: Final = sql.SQL("SELECT id FROM {} WHERE id = ANY (%s) ORDER BY id FOR NO KEY UPDATE")
+_STAGE_NOW: Final = "SELECT stage FROM imgmig.tenant_state WHERE tenant = %s FOR KEY SHARE"
+_PROJECTOR_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext('imgmig.project'), hashtext(%s))"
 
 # Table-only values go; heuristic labels stay (the element does not speak for them).
 _CLEAR: Final = sql.SQL(
@@ -89,10 +91,23 @@ def check_stage(tenant: str, stage: Stage, *, repair: bool) -> None:
 
 
 def repair(conn: Conn, tenant: str, stage: Stage, ids: Sequence[int]) -> None:
-    """Make products ``ids`` equal on both sides again, from the stage's source of truth."""
+    """Make products ``ids`` equal on both sides again, from the stage's source of truth.
+
+    Each chunk, in one transaction, takes the locks in the service's order: the stage row
+    (``FOR KEY SHARE``: no stage change until the chunk commits), the deferred projector's
+    lock (its plan for a product cannot straddle the repair), then the products. A stage
+    that moved since the verify this repair follows fails the run: which side is the truth
+    may have changed with it (:class:`StageChangedError`; run it again).
+    """
     for start in range(0, len(ids), CHUNK):
         chunk = list(ids[start : start + CHUNK])
         with conn.transaction():
+            now = conn.execute(_STAGE_NOW, (tenant,)).fetchone()
+            if now is None or now[0] != stage.value:
+                raise StageChangedError(
+                    tenant=tenant, was=stage.value, now=str(now[0]) if now else "none"
+                )
+            conn.execute(_PROJECTOR_LOCK, (tenant,))
             conn.execute(_LOCK.format(sql.Identifier(tenant, "products")), (chunk,))
             if verify_mod.jsonb_is_truth(stage):
                 conn.execute(_CLEAR.format(sql.Identifier(tenant, "product_images")), (chunk,))
@@ -126,7 +141,7 @@ def run_tenant(conn: Conn, tenant: str, *, mode: str, do_repair: bool) -> Outcom
         if do_repair and stage is not Stage.JSONB:
             refreshed = label_heuristics.refresh_tenant(conn, tenant)
         code = runs.finish(conn, run_id, report, repaired=repaired, left_over=left_over)
-    except psycopg.Error as exc:
+    except (psycopg.Error, StageChangedError) as exc:
         bound.error(f"{mode} failed", error=str(exc).strip())
         _record_failure(conn, run_id)
         return Outcome(verify_mod.Report(tenant, stage), 0, 0, runs.ERROR, str(exc).strip())

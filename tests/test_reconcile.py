@@ -9,8 +9,10 @@ import pytest
 from psycopg import sql
 
 from cdc import backfill, reconcile
-from cdc.errors import StageRefusedError
+from cdc import verify as verify_mod
+from cdc.errors import StageChangedError, StageRefusedError
 from cdc.progress import Silent
+from cdc.stage import Stage
 from tests.backfill_helpers import exact_mismatches, ident, scalar, set_stage
 
 T = "user_1"
@@ -141,3 +143,23 @@ def test_batch_statement_golden() -> None:
     assert 'SELECT id FROM "user_1"."products"' in text
     assert "ORDER BY id LIMIT %(limit)s\n              FOR NO KEY UPDATE" in text
     assert "imgmig.snapshot_batch(%(tenant)s, b.ids, 'backfill', true)" in text
+
+
+def test_a_repair_stops_when_the_stage_moved_since_its_verify(migrated_url: str) -> None:
+    """Which side is the truth follows the stage: a repair planned at dual_write (JSONB the
+    truth) must not run once the tenant is at table, where it would strip the rows'
+    table-only values and write them over the JSONB. It stops, and writes nothing."""
+    backfilled(migrated_url)
+    with psycopg.connect(migrated_url, autocommit=True) as conn:
+        inject_drift(conn)
+        report = verify_mod.check(conn, T, Stage.DUAL_WRITE)
+        assert 13 in report.drifted
+        set_stage(migrated_url, "table", (T,))
+        with pytest.raises(StageChangedError, match="'dual_write' to 'table'"):
+            reconcile.repair(conn, T, Stage.DUAL_WRITE, report.drifted)
+        kept = conn.execute(
+            sql.SQL('SELECT alt_text FROM {} WHERE product_id = 13 AND "order" = 0').format(
+                images()
+            )
+        ).fetchone()
+    assert kept == ("tampered",), "at table the rows are the truth: left as they are"
