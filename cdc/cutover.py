@@ -188,13 +188,14 @@ def guard_failures(conn: Conn, tenant: str, current: Stage, target: Stage) -> li
 
 def _forward_guards(conn: Conn, tenant: str, target: Stage) -> list[str]:
     failures: list[str] = []
-    at = migrate.tenant_revision(conn, tenant)
-    if target is Stage.DUAL_WRITE and at not in (migrate.EXPAND, migrate.CONTRACT):
+    if target is Stage.DUAL_WRITE:
         # An interrupted `migrate upgrade` can leave the stage row without the event log.
-        failures.append(
-            f"the tenant's expand migration has not finished (at revision {at}): "
-            "run `imgmig migrate upgrade` again"
-        )
+        at = migrate.tenant_revision(conn, tenant)
+        if at not in (migrate.EXPAND, migrate.CONTRACT):
+            failures.append(
+                f"the tenant's expand migration has not finished (at revision {at}): "
+                "run `imgmig migrate upgrade` again"
+            )
     if target is Stage.SHADOW_READ and not backfill_done(conn, tenant):
         failures.append("the backfill has not completed")
     if target in (Stage.SHADOW_READ, Stage.TABLE, Stage.CONTRACTED):
