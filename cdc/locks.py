@@ -58,3 +58,17 @@ def lock_all(conn: Conn, tenants: Sequence[str], action: str) -> None:
                 unlock(conn, done)
             raise TenantBusyError(tenant=tenant, action=action, holder=who)
         taken.append(tenant)
+
+
+def lock_free(conn: Conn, tenants: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Lock every tenant nobody holds; returns those taken, and (tenant, holder) for the
+    others. For runs over every tenant: one busy tenant (a long backfill, say) does not
+    hold up the rest."""
+    taken: list[str] = []
+    busy: list[tuple[str, str]] = []
+    for tenant in tenants:
+        if try_lock(conn, tenant):
+            taken.append(tenant)
+        else:
+            busy.append((tenant, holder(conn, tenant)))
+    return taken, busy

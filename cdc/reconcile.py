@@ -40,7 +40,7 @@ from cdc import label_heuristics, locks, logical, project, runs
 from cdc import stage as stage_mod
 from cdc import verify as verify_mod
 from cdc.db import Conn, connect
-from cdc.errors import ImgmigError, StageChangedError, StageRefusedError
+from cdc.errors import ImgmigError, StageChangedError, StageRefusedError, TenantBusyError
 from cdc.stage import Stage
 from cdc.tenants import resolve
 
@@ -170,17 +170,39 @@ def run(
 ) -> list[Outcome]:
     """Verify or reconcile ``tenants``; ``None`` means every tenant it applies to.
 
-    ``mode`` "verify" is read-only and takes no lock; "reconcile" takes every tenant's
-    run lock first (or exits at once) and repairs unless ``do_repair`` is false.
+    ``mode`` "verify" is read-only and takes no lock; "reconcile" takes the tenants' run
+    locks first and repairs unless ``do_repair`` is false. Named tenants are all locked
+    or none (busy: exit at once); a run over every tenant skips the busy ones, each with
+    exit code 75, and exits at once only if all are busy.
     """
     do_repair = do_repair and mode == "reconcile"
     with connect(url, autocommit=True, application_name=APP_NAME, batch=True) as conn:
         names = _eligible(conn, tenants, do_repair=do_repair)
-        if mode == "reconcile":
+        skipped: list[Outcome] = []
+        if mode == "reconcile" and tenants is None:
+            names, skipped = _lock_free(conn, names, mode)
+        elif mode == "reconcile":
             locks.lock_all(conn, names, mode)
         if do_repair:
             _catch_up(conn, names)
-        return [run_tenant(conn, t, mode=mode, do_repair=do_repair) for t in names]
+        return [run_tenant(conn, t, mode=mode, do_repair=do_repair) for t in names] + skipped
+
+
+def _lock_free(conn: Conn, names: list[str], mode: str) -> tuple[list[str], list[Outcome]]:
+    """Every tenant (the cron's run): lock the free ones, skip the busy ones, each with an
+    outcome of its own (75, try again later). All busy: exit at once, as before."""
+    taken, busy = locks.lock_free(conn, names)
+    if busy and not taken:
+        tenant, who = busy[0]
+        raise TenantBusyError(tenant=tenant, action=mode, holder=who)
+    stages = {s.tenant: s.stage for s in stage_mod.get_all(conn, [t for t, _ in busy])}
+    skipped = []
+    for tenant, who in busy:
+        why = TenantBusyError(tenant=tenant, action=mode, holder=who).message()
+        log.warning("tenant skipped: another imgmig run holds it", tenant=tenant, holder=who)
+        report = verify_mod.Report(tenant, stages[tenant])
+        skipped.append(Outcome(report, 0, 0, runs.BUSY, why))
+    return taken, skipped
 
 
 def _catch_up(conn: Conn, tenants: Sequence[str]) -> None:
@@ -221,6 +243,18 @@ def _eligible(conn: Conn, tenants: Sequence[str] | None, *, do_repair: bool) -> 
     return chosen
 
 
+#: How bad each exit code is, for the run's one code: what needs a person first.
+_SEVERITY: Final = {
+    runs.CLEAN: 0,
+    runs.REPAIRED: 1,
+    runs.BUSY: 2,
+    runs.DRIFT_LEFT: 3,
+    runs.ERROR: 4,
+}
+
+
 def overall_exit_code(outcomes: Sequence[Outcome]) -> int:
-    """The worst tenant decides: 3 error > 2 drift left > 1 repaired > 0 clean."""
-    return max((o.exit_code for o in outcomes), default=runs.CLEAN)
+    """The worst tenant decides: 3 error > 2 drift left > 75 a tenant skipped, busy (try
+    again later) > 1 repaired > 0 clean."""
+    codes = [o.exit_code for o in outcomes]
+    return max(codes, key=lambda c: _SEVERITY.get(c, 5), default=runs.CLEAN)

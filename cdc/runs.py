@@ -22,6 +22,8 @@ CLEAN: Final = 0
 REPAIRED: Final = 1
 DRIFT_LEFT: Final = 2
 ERROR: Final = 3
+#: A tenant another run held, skipped (EX_TEMPFAIL, as ``TenantBusyError``).
+BUSY: Final = 75
 
 
 def exit_code(report: Report, *, left_over: int, repaired: int) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from cdc import backfill
+from cdc import backfill, locks
 from cdc.progress import Silent
 from tests.backfill_helpers import ident, set_stage
 from tests.test_reconcile import inject_drift
@@ -93,6 +93,26 @@ def test_overlapping_reconcile_runs_are_refused(migrated_url: str) -> None:
     assert last_json(second.stderr)["exit_code"] == 75
     _, err = first.communicate(timeout=60)
     assert first.returncode == 0, err
+
+
+def test_a_run_over_every_tenant_skips_a_busy_one_and_does_the_rest(migrated_url: str) -> None:
+    """A long backfill of one tenant must not stop the cron's reconcile of the others: the
+    busy tenant is skipped (75, try again later), every other one is reconciled."""
+    set_stage(migrated_url, "dual_write", ("user_1", "user_2"))
+    config = backfill.BackfillConfig(batch_size=50)
+    assert {
+        r.status for r in backfill.run(migrated_url, ["user_1", "user_2"], config, Silent())
+    } == {"done"}
+    with psycopg.connect(migrated_url, autocommit=True) as holder:
+        assert locks.try_lock(holder, "user_2")  # as a backfill of user_2 would
+        done = imgmig(migrated_url, "reconcile", "--all")
+        runs = holder.execute(
+            "SELECT tenant FROM imgmig.verify_runs WHERE mode = 'reconcile' ORDER BY tenant"
+        ).fetchall()
+    assert done.returncode == 75, done.stderr
+    assert "tenant skipped: another imgmig run holds it" in done.stderr
+    assert last_json(done.stderr)["exit_code"] == 75
+    assert runs == [("user_1",)], "the free tenant was reconciled, the busy one not"
 
 
 def test_bad_input_gives_one_line_and_exit_4(migrated_url: str) -> None:
