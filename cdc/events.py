@@ -45,10 +45,10 @@ def events(conn: Conn, tenant: str, *, product_id: int | None = None) -> list[Ev
 def replay(conn: Conn, tenant: str) -> int:
     """Rebuild ``tenant.product_images`` from its event log; returns products projected.
 
-    Runs in the caller's transaction: the table is emptied and refilled from the latest
-    change event of each product, through the canonical mapping. Row ids are new;
-    everything the events carried (table-only values reach the log through the reverse
-    sync) comes back.
+    Runs in the caller's transaction (or one of its own): the table is emptied and
+    refilled from the latest change event of each product, through the canonical
+    mapping. Row ids are new; everything the events carried (table-only values reach the
+    log through the reverse sync) comes back.
 
     Label decisions are kept. The label strategies, the legacy evidence and the review
     queue set ``is_label``, ``label_strategy`` and ``label_confidence`` on the rows
@@ -58,23 +58,26 @@ def replay(conn: Conn, tenant: str) -> int:
     row of the product is the label now.
     """
     images = sql.Identifier(tenant, "product_images")
-    conn.execute("DROP TABLE IF EXISTS pg_temp.imgmig_replay_labels")
-    conn.execute(
-        sql.SQL(
-            "CREATE TEMP TABLE imgmig_replay_labels ON COMMIT DROP AS "
-            "SELECT product_id, url, is_label, label_strategy, label_confidence, "
-            '       row_number() OVER (PARTITION BY product_id, url ORDER BY "order") AS nth '
-            "  FROM {} WHERE label_strategy IS DISTINCT FROM 'explicit' "
-            "   AND label_strategy IS NOT NULL"
-        ).format(images)
-    )
-    row = conn.execute("SELECT imgmig.replay(%s)", (tenant,)).fetchone()
-    count = int(row[0]) if row is not None else 0
-    # Quiet, as the replay itself: the reverse sync leaves the JSONB and the log alone.
-    was = conn.execute("SELECT current_setting('imgmig.syncing', true)").fetchone()
-    conn.execute("SELECT set_config('imgmig.syncing', 'capture', true)")
-    kept = conn.execute(_PUT_BACK.format(images=images)).rowcount
-    conn.execute("SELECT set_config('imgmig.syncing', %s, true)", ((was[0] if was else "") or "",))
+    with conn.transaction():  # the set-aside decisions live as long as the rebuild
+        conn.execute("DROP TABLE IF EXISTS pg_temp.imgmig_replay_labels")
+        conn.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE imgmig_replay_labels ON COMMIT DROP AS "
+                "SELECT product_id, url, is_label, label_strategy, label_confidence, "
+                '       row_number() OVER (PARTITION BY product_id, url ORDER BY "order") AS nth '
+                "  FROM {} WHERE label_strategy IS DISTINCT FROM 'explicit' "
+                "   AND label_strategy IS NOT NULL"
+            ).format(images)
+        )
+        row = conn.execute("SELECT imgmig.replay(%s)", (tenant,)).fetchone()
+        count = int(row[0]) if row is not None else 0
+        # Quiet, as the replay itself: the reverse sync leaves the JSONB and the log alone.
+        was = conn.execute("SELECT current_setting('imgmig.syncing', true)").fetchone()
+        conn.execute("SELECT set_config('imgmig.syncing', 'capture', true)")
+        kept = conn.execute(_PUT_BACK.format(images=images)).rowcount
+        conn.execute(
+            "SELECT set_config('imgmig.syncing', %s, true)", ((was[0] if was else "") or "",)
+        )
     log.info("replayed event log", tenant=tenant, products=count, label_decisions_kept=kept)
     return count
 
